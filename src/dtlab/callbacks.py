@@ -1,0 +1,137 @@
+"""The periodic evaluation callback, and the media it makes (return-conditioning plot, videos)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+
+from dtlab.rollout import Policy, resolve_targets, rollout
+
+log = logging.getLogger(__name__)
+
+
+def plot_return_conditioning(
+    episodes: Sequence[Mapping], dataset_returns: Sequence[float] | None, path: Path, title: str = ""
+) -> Path:
+    """Achieved against target return (the DT paper's Figure 4): the mean and std over
+    episodes per target, each episode as a dot, the diagonal where achieved = target, and the
+    dataset's range of episode returns shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = np.array([e["target"] for e in episodes])
+    returns = np.array([e["return"] for e in episodes])
+    unique = np.unique(targets)
+    means = np.array([returns[targets == t].mean() for t in unique])
+    stds = np.array([returns[targets == t].std() for t in unique])
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    lo = min(targets.min(), returns.min(), *(dataset_returns if dataset_returns is not None else []))
+    hi = max(targets.max(), returns.max(), *(dataset_returns if dataset_returns is not None else []))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="achieved = target")
+    if dataset_returns is not None and len(dataset_returns):
+        ax.axhspan(min(dataset_returns), max(dataset_returns), color="tab:gray", alpha=0.2, label="dataset returns")
+    ax.scatter(targets, returns, s=8, alpha=0.4, color="tab:blue")
+    ax.errorbar(unique, means, yerr=stds, fmt="o-", color="tab:blue", capsize=3, label="Decision Transformer")
+    ax.set_xlabel("target return")
+    ax.set_ylabel("achieved return")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_video(frames: Sequence[np.ndarray], path: Path, fps: int = 20) -> Path:
+    """MP4 through imageio-ffmpeg. HalfCheetah's control step is 0.05 s, so 20 fps is real time."""
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=1)
+    return path
+
+
+class EvaluationCallback(L.Callback):
+    """Every `every_n_steps` training steps, and at the last step, run the rollouts in eval mode
+    and log `eval/<target>/return_mean|return_std|normalized_score` and the headline
+    `eval/normalized_score` (the best target's), which ModelCheckpoint can monitor. Writes the
+    return-conditioning plot (and, with `video`, one MP4 per target) under
+    `output_dir/eval/`, and hands them to loggers that take media."""
+
+    def __init__(
+        self,
+        env: Mapping,
+        target_return: Mapping,
+        output_dir: str,
+        episodes: int = 10,
+        seed: int = 0,
+        every_n_steps: int = 500,
+        vector_mode: str = "sync",
+        video: bool = False,
+        video_frames: int = 200,
+    ) -> None:
+        self.env, self.target_return = env, target_return
+        self.output_dir = Path(output_dir) / "eval"
+        self.episodes, self.seed, self.every_n_steps = episodes, seed, every_n_steps
+        self.vector_mode, self.video, self.video_frames = vector_mode, video, video_frames
+        self.last: dict | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        if (self.every_n_steps > 0 and step % self.every_n_steps == 0) or step >= trainer.max_steps:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        step = trainer.global_step
+        dataset_returns = getattr(trainer.datamodule, "episode_returns", None)
+        targets = resolve_targets(self.target_return, dataset_returns)
+        result = rollout(
+            Policy.from_module(pl_module),
+            self.env,
+            targets,
+            self.episodes,
+            seed=self.seed,
+            vector_mode=self.vector_mode,
+            video_frames=self.video_frames if self.video else 0,
+            progress=trainer.progress_bar_callback is not None,
+        )
+        metrics = {}
+        for s in result["summary"]:
+            key = f"eval/{s['target']:g}"
+            metrics |= {
+                f"{key}/return_mean": s["return_mean"],
+                f"{key}/return_std": s["return_std"],
+                f"{key}/normalized_score": s["normalized_score"],
+            }
+        metrics["eval/normalized_score"] = max(s["normalized_score"] for s in result["summary"])
+        pl_module.log_dict(metrics)
+        log.info(
+            "step %d eval: %s",
+            step,
+            ", ".join(
+                f"target {s['target']:g}: {s['return_mean']:.0f} ({s['normalized_score']:.1f})"
+                for s in result["summary"]
+            ),
+        )
+
+        plot = plot_return_conditioning(
+            result["episodes"], dataset_returns, self.output_dir / f"return_conditioning_step{step}.png", f"step {step}"
+        )
+        videos = [
+            write_video(frames, self.output_dir / f"video_target{target:g}_step{step}.mp4")
+            for target, frames in zip(targets, result.get("frames", []), strict=False)
+        ]
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("eval/return_conditioning", images=[str(plot)], step=step)
+            if videos and hasattr(logger, "log_video"):
+                logger.log_video("eval/video", videos=[str(v) for v in videos], step=step, format=["mp4"] * len(videos))
+        self.last = result
+        return result

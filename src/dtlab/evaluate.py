@@ -1,0 +1,103 @@
+"""Evaluate a checkpoint in its env: `python -m dtlab.evaluate ckpt_path=PATH [overrides]`.
+
+Prints a table, and writes `evaluation.json` (every episode, a summary per target, the
+checkpoint, env and library versions) and the return-conditioning plot into the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from pathlib import Path
+
+import gymnasium
+import hydra
+import mujoco
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dtlab import DTLabError
+from dtlab.callbacks import plot_return_conditioning, write_video
+from dtlab.module import DTModule
+from dtlab.rollout import Policy, check_env, resolve_targets, rollout
+from dtlab.train import CONF_DIR, run_cli
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(path: str) -> DTModule:
+    if not Path(path).is_file():
+        raise DTLabError(f"checkpoint {path!r} does not exist: give ckpt_path=PATH to a .ckpt written by dtlab.train")
+    try:
+        return DTModule.load_from_checkpoint(path, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - whatever torch or Lightning raise, the file is unusable
+        reason = str(e).splitlines()[0][:200] if str(e) else ""
+        raise DTLabError(
+            f"checkpoint {path!r} cannot be loaded ({type(e).__name__}: {reason}): "
+            "is it a complete checkpoint written by dtlab.train?"
+        ) from None
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Roll out the checkpoint for every target return; returns the report it writes."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    module = load_checkpoint(cfg.ckpt_path)
+    trained_in = module.env_config or {}
+    with open_dict(cfg):
+        if cfg.get("env") is None:
+            if not trained_in:
+                raise DTLabError(f"checkpoint {cfg.ckpt_path!r} does not say its env: choose one with env=...")
+            cfg.env = trained_in
+    if cfg.env.id != module.hparams.env_id:
+        raise DTLabError(
+            f"checkpoint was trained in {module.hparams.env_id} but env={cfg.env.id} was asked: "
+            "evaluate it in the env it was trained in (drop the env override)"
+        )
+    check_env(cfg.env)
+    targets = resolve_targets(cfg.target_return, module.episode_returns)
+    out = Path(cfg.paths.output_dir)
+    result = rollout(
+        Policy.from_module(module),
+        cfg.env,
+        targets,
+        cfg.eval.episodes,
+        seed=cfg.eval.seed,
+        vector_mode=cfg.eval.vector_mode,
+        video_frames=cfg.eval.video_frames if cfg.eval.video else 0,
+    )
+    report = {
+        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+        "env_id": cfg.env.id,
+        "episodes": result["episodes"],
+        "summary": result["summary"],
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "gymnasium": gymnasium.__version__,
+            "mujoco": mujoco.__version__,
+        },
+    }
+    (out / "evaluation.json").write_text(json.dumps(report, indent=2))
+    plot_return_conditioning(result["episodes"], module.episode_returns, out / "return_conditioning.png", cfg.env.id)
+    for target, frames in zip(targets, result.get("frames", []), strict=False):
+        write_video(frames, out / f"video_target{target:g}.mp4")
+
+    lines = [f"{'target':>10}  {'return (mean +- std)':>22}  {'normalized':>10}  {'episodes':>8}"]
+    for s in result["summary"]:
+        ret = f"{s['return_mean']:.1f} +- {s['return_std']:.1f}"
+        lines.append(f"{s['target']:>10g}  {ret:>22}  {s['normalized_score']:>10.1f}  {s['episodes']:>8}")
+    print("\n".join(lines))
+    print(f"wrote {out / 'evaluation.json'} and {out / 'return_conditioning.png'}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_cli(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The Decision Transformer (Chen et al. 2021) as a plain nn.Module.
+
+Each timestep t contributes three tokens, interleaved R_1, s_1, a_1, R_2, s_2, a_2, ...
+(R = return-to-go). A causal GPT over the 3K tokens predicts action a_t from the hidden
+state of token s_t, which has seen R_1..R_t, s_1..s_t and a_1..a_{t-1}.
+
+Usable without Lightning or Hydra:
+
+    model = DecisionTransformer(DTConfig(state_dim=17, act_dim=6))
+    actions = model(states, actions, returns_to_go, timesteps, mask)  # (B, K, act_dim)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DTConfig:
+    state_dim: int  # observation size of the env
+    act_dim: int  # action size of the env; actions are assumed to lie in [-1, 1]
+    max_ep_len: int = 1000  # rows of the timestep embedding table: the env's episode limit
+    context_length: int = 20  # K: timesteps per window, so 3K tokens
+    n_layer: int = 3
+    n_head: int = 1
+    n_embd: int = 128
+    dropout: float = 0.1  # on embeddings, attention weights, residual branches
+    action_tanh: bool = True  # squash predicted actions into [-1, 1]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: DTConfig) -> None:
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd={config.n_embd} must be divisible by n_head={config.n_head}")
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, queries: slice | None = None) -> torch.Tensor:
+        """x: (B, T, C). attn_mask: (B, 1, T, T) bool, True = may attend, or None for plain
+        causal. queries: compute outputs for these token positions only (the keys and values
+        still cover all T tokens); used at inference, where only the last state token matters."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        if queries is not None:
+            q = q[:, queries]
+        Tq = q.shape[1]
+        q = q.view(B, Tq, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tq, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if attn_mask is None and queries is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            if attn_mask is None:
+                attn_mask = _causal(T, x.device)[None, None]
+            if queries is not None:
+                attn_mask = attn_mask[:, :, queries]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, Tq, C)  # (B, Tq, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block, as in GPT-2."""
+
+    def __init__(self, config: DTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, queries: slice | None = None) -> torch.Tensor:
+        residual = x if queries is None else x[:, queries]
+        x = residual + self.attn(self.ln_1(x), attn_mask, queries)
+        return x + self.mlp(self.ln_2(x))
+
+
+def _causal(T: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+class DecisionTransformer(nn.Module):
+    def __init__(self, config: DTConfig) -> None:
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.embed_timestep = nn.Embedding(config.max_ep_len, C)
+        self.embed_return = nn.Linear(1, C)
+        self.embed_state = nn.Linear(config.state_dim, C)
+        self.embed_action = nn.Linear(config.act_dim, C)
+        self.embed_ln = nn.LayerNorm(C)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(C)
+        self.predict_action = nn.Linear(C, config.act_dim)
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so depth keeps the variance
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        returns_to_go: torch.Tensor,
+        timesteps: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Predict actions from a window of K timesteps.
+
+        states (B, K, state_dim), actions (B, K, act_dim), returns_to_go (B, K), all already
+        normalized/scaled; timesteps (B, K) long; mask (B, K) bool, True at real steps (windows
+        are left-padded), None when nothing is padded. Inputs at padded steps are ignored,
+        whatever their values.
+
+        Returns (B, K, act_dim), the action predicted at every step; with last_only=True,
+        (B, act_dim) for the last step only, skipping work no other output needs.
+        """
+        B, K, _ = states.shape
+        if mask is not None:
+            # Zero padded inputs so that no pad value (even inf or NaN) can reach real tokens
+            # through 0 * inf in the attention's weighted sum.
+            states = states.masked_fill(~mask[..., None], 0.0)
+            actions = actions.masked_fill(~mask[..., None], 0.0)
+            returns_to_go = returns_to_go.masked_fill(~mask, 0.0)
+            timesteps = timesteps.masked_fill(~mask, 0)
+        time = self.embed_timestep(timesteps)  # (B, K, C)
+        r = self.embed_return(returns_to_go[..., None]) + time  # (B, K, C)
+        s = self.embed_state(states) + time  # (B, K, C)
+        a = self.embed_action(actions) + time  # (B, K, C)
+        x = torch.stack((r, s, a), dim=2).reshape(B, 3 * K, -1)  # (B, 3K, C): R1 s1 a1 R2 ...
+        x = self.drop(self.embed_ln(x))
+
+        attn_mask = None
+        if mask is not None:
+            keys = mask.repeat_interleave(3, dim=1)  # (B, 3K): the mask of every token
+            attn_mask = _causal(3 * K, x.device)[None] & keys[:, None, :]  # (B, 3K, 3K)
+            # A padded token may attend to itself: its row is never all-False, so no NaN.
+            attn_mask = attn_mask | torch.eye(3 * K, dtype=torch.bool, device=x.device)
+            attn_mask = attn_mask[:, None]  # (B, 1, 3K, 3K), broadcast over heads
+
+        for i, block in enumerate(self.h):
+            if last_only and i == len(self.h) - 1:
+                # Only the last state token (position 3K - 2) feeds the returned action.
+                x = block(x, attn_mask, queries=slice(3 * K - 2, 3 * K - 1))  # (B, 1, C)
+            else:
+                x = block(x, attn_mask)  # (B, 3K, C)
+        x = self.ln_f(x)
+        if last_only:
+            return self._head(x[:, -1])  # (B, act_dim)
+        return self._head(x[:, 1::3])  # hidden states of s_1..s_K: (B, K, act_dim)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.predict_action(h)
+        return torch.tanh(out) if self.config.action_tanh else out
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on Linear weight matrices only; biases, LayerNorm and embedding tables
+        are left alone (as in minGPT and the DT reference code)."""
+        decay, no_decay = [], []
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if isinstance(module, nn.Linear) and name == "weight":
+                    decay.append(p)
+                else:
+                    no_decay.append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]

@@ -1,0 +1,211 @@
+"""Environments and batched return-conditioned rollouts (no Lightning imports).
+
+The evaluation protocol: every (target return, episode) pair is one env of a single gymnasium
+vector env, seeded `seed + i` for env i. All envs step in lockstep, so at step t every env's
+context is the same slice [t-K+1, t] of its history, left-padded while t < K-1, and one
+batched model call per env step chooses all actions. The context holds exactly what the model
+saw in training: normalized states, actions, returns-to-go (target minus the rewards received
+so far, times reward_scale) and timesteps. An env whose episode ended (Hopper and Walker2d
+fall) stops counting; it keeps stepping only so that shapes stay static.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dtlab import DTLabError
+from dtlab.model import DecisionTransformer
+
+
+@dataclass
+class Policy:
+    """The bare model plus what it needs to read raw observations and returns."""
+
+    model: DecisionTransformer
+    state_mean: torch.Tensor  # (obs_dim,)
+    state_std: torch.Tensor  # (obs_dim,)
+    reward_scale: float
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> Policy:
+        """From a DTModule (fresh, or from `DTModule.load_from_checkpoint`)."""
+        return cls(module.model, module.state_mean, module.state_std, module.reward_scale)
+
+
+def check_env(env: Mapping) -> None:
+    """Fail early if the env id is unknown or its spaces differ from the env config."""
+    try:
+        spec = gym.spec(env["id"])
+    except gym.error.Error as e:
+        raise DTLabError(f"unknown env id {env['id']!r} ({e}); choose env=halfcheetah, hopper or walker2d") from None
+    probe = gym.make(spec)
+    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    probe.close()
+    if (obs_dim, act_dim) != (env["obs_dim"], env["act_dim"]):
+        raise DTLabError(
+            f"{env['id']} has observation size {obs_dim} and action size {act_dim}, but the env config "
+            f"says {env['obs_dim']} and {env['act_dim']}: fix env.obs_dim / env.act_dim"
+        )
+
+
+def normalized_score(returns: np.ndarray | float, env: Mapping) -> np.ndarray | float:
+    """D4RL-normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
+    return 100.0 * (returns - env["ref_min_score"]) / (env["ref_max_score"] - env["ref_min_score"])
+
+
+def resolve_targets(target_return: Mapping, episode_returns: Sequence[float] | None = None) -> list[float]:
+    """Raw target returns from a `target_return` config: its `values`, plus `quantiles` of the
+    dataset's episode returns, plus `max_multiples` of their maximum."""
+    values = list(target_return.get("values") or [])
+    quantiles = list(target_return.get("quantiles") or [])
+    multiples = list(target_return.get("max_multiples") or [])
+    for v in (*values, *quantiles, *multiples):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise DTLabError(
+                f"target return {v!r} is not a finite number: give numbers, e.g. target_return.values=[3000,6000]"
+            )
+    if (quantiles or multiples) and (episode_returns is None or len(episode_returns) == 0):
+        raise DTLabError("target_return=dataset needs the training data's episode returns, and none are known")
+    targets = [float(v) for v in values]
+    if quantiles:
+        targets += [float(q) for q in np.quantile(np.asarray(episode_returns), quantiles)]
+    if multiples:
+        targets += [float(m * np.max(episode_returns)) for m in multiples]
+    if not targets:
+        raise DTLabError("no target returns given: set target_return.values=[...] or choose target_return=paper")
+    return targets
+
+
+@torch.inference_mode()
+def rollout(
+    policy: Policy,
+    env: Mapping,
+    targets: Sequence[float],
+    episodes: int,
+    seed: int = 0,
+    vector_mode: str = "sync",
+    video_frames: int = 0,
+    record: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Run `episodes` episodes for each target return, all at once.
+
+    Returns {"episodes": [{target, seed, return, length, normalized_score}, ...],
+    "summary": [{target, return_mean, return_std, return_min, return_max, normalized_score,
+    length_mean, episodes}, ...]}, plus "frames" (one list of RGB frames per target, from its
+    first episode, at most `video_frames` long) when video_frames > 0, and "trajectories"
+    (raw observations, actions, rewards and the steps each env was alive, as arrays
+    [N, T, ...]) when `record`.
+    """
+    model, K = policy.model, policy.model.config.context_length
+    max_steps = int(env["max_episode_steps"])
+    targets = [float(t) for t in targets]
+    n = len(targets) * episodes
+    if vector_mode not in ("sync", "async"):
+        raise DTLabError(f"eval.vector_mode={vector_mode!r} is unknown: use sync or async")
+    if video_frames and vector_mode != "sync":
+        raise DTLabError("eval.video=true needs eval.vector_mode=sync (frames are taken from the sync envs)")
+    render = {"render_mode": "rgb_array", "camera_name": "track", "width": 240, "height": 240} if video_frames else {}
+    envs = gym.make_vec(env["id"], num_envs=n, vectorization_mode=vector_mode, max_episode_steps=max_steps, **render)
+    device = policy.state_mean.device
+    dtype = next(model.parameters()).dtype
+    seeds = [seed + i for i in range(n)]
+    target = torch.tensor(targets, dtype=torch.float64).repeat_interleave(episodes)  # (N,) env i -> target
+
+    # Histories, left-padded by K-1 rows so that the window of step t is rows [t, t+K).
+    pad = K - 1
+    states = torch.zeros(n, pad + max_steps, model.config.state_dim, dtype=dtype, device=device)
+    actions = torch.zeros(n, pad + max_steps, model.config.act_dim, dtype=dtype, device=device)
+    returns_to_go = torch.zeros(n, pad + max_steps, dtype=dtype, device=device)
+    timesteps = torch.zeros(1, pad + max_steps, dtype=torch.long, device=device)
+    timesteps[0, pad:] = torch.arange(max_steps).clamp(max=model.config.max_ep_len - 1)
+    position = torch.arange(K, device=device)
+
+    received = np.zeros(n)  # rewards received so far (raw)
+    lengths = np.zeros(n, dtype=np.int64)
+    alive = np.ones(n, dtype=bool)
+    frame_envs = list(range(0, n, episodes)) if video_frames else []
+    frames: list[list[np.ndarray]] = [[] for _ in frame_envs]
+    trajectories = {"observations": [], "actions": [], "rewards": [], "alive": []}
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+
+    training = model.training
+    model.eval()
+    try:
+        obs, _ = envs.reset(seed=seeds)
+        for t in tqdm(range(max_steps), desc="rollout", unit="step", leave=False, disable=not progress):
+            row = pad + t
+            states[:, row] = (torch.as_tensor(obs, device=device, dtype=dtype) - policy.state_mean) / policy.state_std
+            rtg = (target - torch.from_numpy(received)) * policy.reward_scale
+            returns_to_go[:, row] = rtg.to(device=device, dtype=dtype)
+            window = slice(t, t + K)
+            mask = (position >= pad - t).expand(n, K)  # (N, K): False at left pads
+            action = model(
+                states[:, window],
+                actions[:, window],
+                returns_to_go[:, window],
+                timesteps[:, window].expand(n, K),
+                mask,
+                last_only=True,
+            )  # (N, act_dim)
+            actions[:, row] = action
+            action = np.clip(action.float().cpu().numpy(), low, high)
+            for i, env_id in enumerate(frame_envs):
+                if alive[env_id] and len(frames[i]) < video_frames:
+                    frames[i].append(envs.envs[env_id].render())
+            next_obs, reward, terminated, truncated, _ = envs.step(action)
+            if record:
+                for key, value in zip(trajectories, (obs, action, reward, alive.copy()), strict=True):
+                    trajectories[key].append(value)
+            received += np.where(alive, reward, 0.0)
+            lengths += alive
+            alive &= ~(terminated | truncated)
+            obs = next_obs
+            if not alive.any():
+                break
+    finally:
+        envs.close()
+        model.train(training)
+
+    episode_targets = target.numpy()
+    scores = normalized_score(received, env)
+    result = {
+        "episodes": [
+            {
+                "target": float(episode_targets[i]),
+                "seed": seeds[i],
+                "return": float(received[i]),
+                "length": int(lengths[i]),
+                "normalized_score": float(scores[i]),
+            }
+            for i in range(n)
+        ],
+        "summary": [
+            summarize(tr, received[episode_targets == tr], lengths[episode_targets == tr], env) for tr in targets
+        ],
+    }
+    if video_frames:
+        result["frames"] = frames
+    if record:
+        result["trajectories"] = {k: np.stack(v, axis=1) for k, v in trajectories.items()}
+    return result
+
+
+def summarize(target: float, returns: np.ndarray, lengths: np.ndarray, env: Mapping) -> dict:
+    return {
+        "target": float(target),
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "return_min": float(returns.min()),
+        "return_max": float(returns.max()),
+        "normalized_score": float(normalized_score(returns.mean(), env)),
+        "length_mean": float(lengths.mean()),
+        "episodes": len(returns),
+    }

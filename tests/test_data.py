@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from dtlab import DTLabError
+from dtlab.data import SAMPLE_PATH, TrajectoryDataModule, WindowSampler, episodes_from_dataset, load_local
+
+OBS, ACT = 3, 2
+
+
+def make_dataset(lengths, seed=0, obs=OBS, act=ACT) -> Dataset:
+    rng = np.random.default_rng(seed)
+    return Dataset.from_dict(
+        {
+            "observations": [rng.normal(size=(n, obs)).astype(np.float32) for n in lengths],
+            "actions": [rng.uniform(-1, 1, size=(n, act)).astype(np.float32) for n in lengths],
+            "rewards": [rng.normal(size=n).astype(np.float32) for n in lengths],
+            "dones": [[False] * n for n in lengths],
+        }
+    )
+
+
+def test_returns_to_go_are_reversed_cumulative_sums_per_episode():
+    episodes = episodes_from_dataset(make_dataset([4, 1, 6]))
+    rtg = episodes.returns_to_go()
+    for s, n in zip(episodes.starts, episodes.lengths, strict=True):
+        r = episodes.rewards[s : s + n].astype(np.float64)
+        np.testing.assert_allclose(rtg[s : s + n], np.cumsum(r[::-1])[::-1], rtol=1e-12)
+    np.testing.assert_allclose(episodes.returns, [rtg[s] for s in episodes.starts])
+
+
+def sampler_for(lengths, K=5, scale=0.01):
+    episodes = episodes_from_dataset(make_dataset(lengths))
+    mean, std = episodes.observations.mean(0), episodes.observations.std(0) + 1e-6
+    return episodes, WindowSampler(episodes, K, scale, mean, std, max_ep_len=1000), mean, std
+
+
+def test_windows_lie_inside_episodes_left_padded_and_scaled_once():
+    lengths, K, scale = [3, 12, 7, 1], 5, 0.01
+    episodes, sampler, mean, std = sampler_for(lengths, K, scale)
+    rtg = episodes.returns_to_go()
+    batch = sampler.sample(512, torch.Generator().manual_seed(0))
+    assert batch["states"].shape == (512, K, OBS) and batch["mask"].shape == (512, K)
+    for b in range(512):
+        m = batch["mask"][b].numpy()
+        n = int(m.sum())
+        assert n >= 1 and not m[: K - n].any() and m[K - n :].all()  # pads only on the left
+        t = batch["timesteps"][b, K - n :].numpy()
+        assert (np.diff(t) == 1).all()
+        # find the episode from the first real state
+        state = batch["states"][b, K - n].numpy() * std + mean
+        row = int(np.argmin(np.abs(episodes.observations - state).sum(1)))
+        e = int(np.searchsorted(episodes.starts, row, side="right") - 1)
+        assert row - episodes.starts[e] == t[0]
+        rows = np.arange(row, row + n)
+        assert rows[-1] < episodes.starts[e] + episodes.lengths[e]  # inside the episode
+        np.testing.assert_allclose(batch["actions"][b, K - n :].numpy(), episodes.actions[rows])
+        np.testing.assert_allclose(batch["returns_to_go"][b, K - n :].numpy(), rtg[rows] * scale, rtol=1e-5, atol=1e-6)
+        assert (batch["states"][b, : K - n] == 0).all()
+
+
+def test_episodes_are_drawn_in_proportion_to_their_length():
+    lengths = [10, 30, 60]
+    episodes, sampler, *_ = sampler_for(lengths)
+    episode = torch.multinomial(
+        sampler.episode_probs, 60_000, replacement=True, generator=torch.Generator().manual_seed(1)
+    )
+    freq = np.bincount(episode.numpy(), minlength=3) / 60_000
+    np.testing.assert_allclose(freq, np.array(lengths) / 100, atol=0.01)
+    # and the start step is uniform over the episode: pads appear exactly for starts near its end
+    batch = sampler.sample(20_000, torch.Generator().manual_seed(2))
+    padded = (~batch["mask"]).any(1).float().mean().item()
+    # a window is padded when start > L - K; expected share = sum_e p_e * min(K-1, L_e) / L_e
+    expected = sum(n / 100 * min(4, n) / n for n in lengths)
+    assert abs(padded - expected) < 0.02
+
+
+def test_module_splits_whole_episodes_and_normalizes_with_train_stats():
+    ds = make_dataset([20] * 10)
+    dm = TrajectoryDataModule(
+        lambda: ds, obs_dim=OBS, act_dim=ACT, max_ep_len=100, context_length=4, batch_size=8, val_fraction=0.2
+    )
+    dm.setup()
+    assert dm.train.num_episodes == 8 and dm.val.num_episodes == 2
+    np.testing.assert_allclose(dm.state_mean, dm.train.observations.mean(0), rtol=1e-5)
+    batches = list(dm.val_dataloader())
+    assert len(batches) == dm.val_batches
+    assert torch.equal(batches[0]["states"], list(dm.val_dataloader())[0]["states"])  # fixed val set
+
+
+def test_embedded_sample_loads():
+    episodes = episodes_from_dataset(load_local(None))
+    assert SAMPLE_PATH.stat().st_size <= 4e6
+    assert episodes.observations.shape[1] == 17 and episodes.actions.shape[1] == 6
+    assert episodes.num_episodes == 30 and (episodes.lengths == 1000).all()
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        (Dataset.from_dict({"observations": [[[0.0] * 3]], "rewards": [[1.0]]}), "lacks column(s) ['actions']"),
+        (Dataset.from_dict({"observations": [], "actions": [], "rewards": []}), "no episodes"),
+        (
+            Dataset.from_dict({"observations": [[[0.0] * 3] * 2], "actions": [[[0.0] * 2]], "rewards": [[1.0, 1.0]]}),
+            "episode 0 has 2 observations but 1 actions",
+        ),
+        (
+            Dataset.from_dict(
+                {"observations": [[[0.0] * 3] * 2], "actions": [[[0.0] * 2] * 2], "rewards": [[1.0, float("nan")]]}
+            ),
+            "rewards hold NaN or Inf at episode 0, step 1",
+        ),
+    ],
+)
+def test_bad_episodes_fail_with_a_clear_message(dataset, message):
+    with pytest.raises(
+        DTLabError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
+        episodes_from_dataset(dataset)
+
+
+def test_wrong_dims_name_both_sizes():
+    dm = TrajectoryDataModule(lambda: make_dataset([5], obs=4), obs_dim=17, act_dim=ACT, max_ep_len=100)
+    with pytest.raises(DTLabError, match="observation size 4 .* expects 17"):
+        dm.setup()
+
+
+def test_missing_path_is_one_clear_error(tmp_path):
+    with pytest.raises(DTLabError, match="matches no file"):
+        load_local(str(tmp_path / "nope.parquet"))
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(DTLabError, match="is not a Parquet file"):
+        load_local(str(tmp_path / "x.parquet"))

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from dtlab.model import DecisionTransformer, DTConfig
+
+K, S, A = 8, 5, 3
+
+
+@pytest.fixture
+def model() -> DecisionTransformer:
+    torch.manual_seed(0)
+    m = DecisionTransformer(
+        DTConfig(state_dim=S, act_dim=A, max_ep_len=100, context_length=K, n_layer=2, n_head=2, n_embd=32)
+    )
+    return m.eval()
+
+
+def inputs(batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "states": torch.randn(batch, K, S, generator=g),
+        "actions": torch.rand(batch, K, A, generator=g) * 2 - 1,
+        "returns_to_go": torch.randn(batch, K, generator=g),
+        "timesteps": torch.arange(10, 10 + K).repeat(batch, 1),
+    }
+
+
+def changed(model: DecisionTransformer, key: str, t: int) -> torch.Tensor:
+    """Which steps' predicted actions change when input `key` at step t changes: (K,) bool."""
+    x = inputs()
+    before = model(**x)
+    x[key] = x[key].clone()
+    x[key][:, t] += 1.0
+    after = model(**x)
+    return (after - before).abs().amax(dim=(0, 2)) > 1e-6
+
+
+@pytest.mark.parametrize("key", ["states", "actions", "returns_to_go"])
+def test_causal_later_tokens_do_not_change_earlier_predictions(model, key):
+    t = 4
+    assert not changed(model, key, t)[:t].any()
+
+
+def test_tokens_interleave_return_state_action(model):
+    # a_t is predicted from s_t, which comes after R_t and s_t but before a_t ...
+    t = 4
+    assert changed(model, "returns_to_go", t)[t]
+    assert changed(model, "states", t)[t]
+    assert not changed(model, "actions", t)[t]
+    # ... and after a_{t-1}. Blocks concatenated [R..., s..., a...] would fail one of these.
+    assert changed(model, "actions", t - 1)[t]
+    assert not changed(model, "returns_to_go", t + 1)[t]
+
+
+@pytest.mark.parametrize("pad_value", [0.0, -10.0, 1e6, float("inf"), float("nan")])
+def test_padding_never_changes_valid_outputs(model, pad_value):
+    x, pad = inputs(), 3
+    mask = torch.arange(K)[None].expand(2, K) >= pad
+    reference = model(**{k: v[:, pad:] for k, v in x.items()})  # the unpadded shorter window
+    padded = {k: v.clone() for k, v in x.items()}
+    for k in ("states", "actions", "returns_to_go"):
+        padded[k][:, :pad] = pad_value
+    padded["timesteps"][:, :pad] = 99
+    out = model(**padded, mask=mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, pad:], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_equals_full_forward(model):
+    x = inputs()
+    mask = torch.arange(K)[None].expand(2, K) >= torch.tensor([[0], [5]])
+    torch.testing.assert_close(
+        model(**x, mask=mask, last_only=True), model(**x, mask=mask)[:, -1], atol=1e-6, rtol=1e-5
+    )
+
+
+def test_actions_in_tanh_range(model):
+    x = inputs()
+    x["states"] *= 100
+    assert model(**x).abs().max() <= 1.0
+
+
+def test_weight_decay_only_on_linear_weights(model):
+    decay, no_decay = model.parameter_groups(0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith("weight") and "ln" not in n and "embed_timestep" not in n for n in decayed)
+    assert "embed_state.weight" in decayed and "h.0.attn.c_attn.weight" in decayed
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert {"embed_timestep.weight", "embed_ln.weight", "h.0.ln_1.weight", "embed_state.bias"} <= not_decayed
+    assert len(decayed) + len(not_decayed) == len(list(model.parameters()))

@@ -1,0 +1,186 @@
+import json
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+from dtlab import DTLabError
+from dtlab.module import DTModule
+from dtlab.rollout import Policy, normalized_score, resolve_targets, rollout
+from dtlab.train import train
+
+HALFCHEETAH = {
+    "id": "HalfCheetah-v5",
+    "obs_dim": 17,
+    "act_dim": 6,
+    "max_episode_steps": 30,
+    "ref_min_score": -280.178953,
+    "ref_max_score": 12135.0,
+}
+HOPPER = {
+    "id": "Hopper-v5",
+    "obs_dim": 11,
+    "act_dim": 3,
+    "max_episode_steps": 200,
+    "ref_min_score": -20.272305,
+    "ref_max_score": 3234.3,
+}
+
+
+def tiny_module(env: dict, K: int = 4, seed: int = 0) -> DTModule:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    return DTModule(
+        env_id=env["id"],
+        state_dim=env["obs_dim"],
+        act_dim=env["act_dim"],
+        max_ep_len=1000,
+        state_mean=rng.normal(size=env["obs_dim"]).tolist(),
+        state_std=rng.uniform(0.5, 2, env["obs_dim"]).tolist(),
+        reward_scale=0.001,
+        context_length=K,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        dropout=0.1,
+    )
+
+
+def test_batched_rollout_equals_the_model_called_one_env_at_a_time():
+    module = tiny_module(HALFCHEETAH, K=4)
+    result = rollout(
+        Policy.from_module(module), HALFCHEETAH, [1000.0, 5000.0], episodes=2, seed=3, record=True, progress=False
+    )
+    traj = result["trajectories"]
+    n, T = traj["actions"].shape[:2]
+    assert (n, T) == (4, 30)
+    assert module.training  # train mode restored
+    for i in range(n):  # the slow reference: act() on each env's raw history, step by step
+        target = result["episodes"][i]["target"]
+        for t in range(T):
+            rtg = target - np.concatenate([[0.0], np.cumsum(traj["rewards"][i, :t])])
+            actions = np.concatenate([traj["actions"][i, :t], np.zeros((1, 6))])
+            expected = module.act(traj["observations"][i, : t + 1], actions, rtg, np.arange(t + 1))
+            np.testing.assert_allclose(traj["actions"][i, t], np.clip(expected, -1, 1), atol=1e-5)
+        assert result["episodes"][i]["return"] == pytest.approx(traj["rewards"][i].sum(), rel=1e-9)
+
+
+def test_same_seed_same_returns_other_seed_other_returns():
+    policy = Policy.from_module(tiny_module(HALFCHEETAH))
+    a, b, c = (rollout(policy, HALFCHEETAH, [3000.0], 2, seed=s, progress=False) for s in (7, 7, 8))
+    returns = [[e["return"] for e in r["episodes"]] for r in (a, b, c)]
+    assert returns[0] == returns[1] != returns[2]
+    assert [e["seed"] for e in a["episodes"]] == [7, 8]
+
+
+def test_early_terminations_stop_counting():
+    result = rollout(Policy.from_module(tiny_module(HOPPER)), HOPPER, [1800.0], 6, seed=0, record=True, progress=False)
+    traj = result["trajectories"]
+    lengths = np.array([e["length"] for e in result["episodes"]])
+    assert (lengths < HOPPER["max_episode_steps"]).all()  # an untrained hopper falls
+    np.testing.assert_array_equal(traj["alive"].sum(1), lengths)
+    for i, e in enumerate(result["episodes"]):
+        assert e["return"] == pytest.approx(traj["rewards"][i, : e["length"]].sum())
+        assert not traj["alive"][i, e["length"] :].any()
+
+
+def test_normalized_score_is_d4rls():
+    assert normalized_score(-280.178953, HALFCHEETAH) == pytest.approx(0.0)
+    assert normalized_score(12135.0, HALFCHEETAH) == pytest.approx(100.0)
+    assert normalized_score(5927.41, HALFCHEETAH) == pytest.approx(
+        100 * (5927.41 + 280.178953) / (12135.0 + 280.178953)
+    )
+
+
+def test_targets_from_values_and_dataset():
+    assert resolve_targets({"values": [6000, 12000]}) == [6000.0, 12000.0]
+    assert resolve_targets({"quantiles": [0.5, 1.0], "max_multiples": [1.2]}, [0.0, 10.0, 20.0]) == [10.0, 20.0, 24.0]
+    with pytest.raises(DTLabError, match="not a finite number"):
+        resolve_targets({"values": ["high"]})
+    with pytest.raises(DTLabError, match="no target returns"):
+        resolve_targets({"values": []})
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A smoke run's checkpoint, evaluation every 10 steps with video."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from dtlab.train import CONF_DIR
+
+    out = tmp_path_factory.mktemp("run")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["debug=smoke", "eval.video=true", "eval.video_frames=10"], return_hydra_config=True
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+    HydraConfig().set_config(cfg)
+    metrics = train(cfg)
+    return out, metrics
+
+
+def test_callback_logs_eval_metrics_plots_and_video(tiny_checkpoint):
+    out, metrics = tiny_checkpoint
+    assert {"eval/6000/return_mean", "eval/12000/normalized_score", "eval/normalized_score"} <= set(metrics)
+    assert sorted(p.name for p in (out / "eval").glob("*.png")) == [
+        "return_conditioning_step10.png",
+        "return_conditioning_step20.png",
+    ]
+    assert (out / "checkpoints" / "best.ckpt").is_file()
+    video = out / "eval" / "video_target6000_step20.mp4"
+    frames = imageio.mimread(video)
+    assert len(frames) == 10 and frames[0].shape == (240, 240, 3)
+    assert frames[0].std() > 10  # a rendered scene, not a blank frame
+
+
+def test_evaluate_command_end_to_end(tiny_checkpoint, tmp_path):
+    out, _ = tiny_checkpoint
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtlab.evaluate",
+        f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+        "target_return=custom",
+        "target_return.values=[0,500]",
+        "eval.episodes=3",
+        "eval.seed=5",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert [e["seed"] for e in report["episodes"]] == [5, 6, 7, 8, 9, 10]
+    assert [s["target"] for s in report["summary"]] == [0.0, 500.0] and report["env_id"] == "HalfCheetah-v5"
+    assert all(e["length"] == 50 for e in report["episodes"])  # the checkpoint's env config: 50-step episodes
+    assert {"gymnasium", "mujoco"} <= set(report["versions"])
+    assert (tmp_path / "return_conditioning.png").is_file()
+    assert "normalized" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ckpt_path=/nonexistent.ckpt"], "does not exist"),
+        (["env=hopper"], "trained in HalfCheetah-v5 but env=Hopper-v5 was asked"),
+    ],
+)
+def test_evaluate_refuses_bad_checkpoints(tiny_checkpoint, tmp_path, args, message):
+    out, _ = tiny_checkpoint
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtlab.evaluate",
+        f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+        *args,
+        f"hydra.run.dir={tmp_path}",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
