@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 
 from dtlab.rollout import Policy, resolve_targets, rollout
 
@@ -111,7 +112,12 @@ class EvaluationCallback(L.Callback):
                 f"{key}/normalized_score": s["normalized_score"],
             }
         metrics["eval/normalized_score"] = max(s["normalized_score"] for s in result["summary"])
-        pl_module.log_dict(metrics)
+        # Straight to the loggers, once: pl_module.log from a callback hook would repeat the
+        # values at every later logging step. callback_metrics is what ModelCheckpoint and
+        # train()'s return value read.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         log.info(
             "step %d eval: %s",
             step,

@@ -44,26 +44,26 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, queries: slice | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         """x: (B, T, C). attn_mask: (B, 1, T, T) bool, True = may attend, or None for plain
-        causal. queries: compute outputs for these token positions only (the keys and values
-        still cover all T tokens); used at inference, where only the last state token matters."""
+        causal. last_only: output the last token only, (B, 1, C); keys and values still cover
+        all T tokens. Used at inference, where only the last state token matters."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        if queries is not None:
-            q = q[:, queries]
+        if last_only:  # project the one query needed: saves a third of this projection
+            q = F.linear(x[:, -1:], self.c_attn.weight[:C], self.c_attn.bias[:C])
+            k, v = F.linear(x, self.c_attn.weight[C:], self.c_attn.bias[C:]).split(C, dim=2)
+        else:
+            q, k, v = self.c_attn(x).split(C, dim=2)
         Tq = q.shape[1]
         q = q.view(B, Tq, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tq, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if attn_mask is None and queries is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if attn_mask is None:
+            # causal; the last token sees every token, so alone it needs no mask at all
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=not last_only)
         else:
-            if attn_mask is None:
-                attn_mask = _causal(T, x.device)[None, None]
-            if queries is not None:
-                attn_mask = attn_mask[:, :, queries]
+            attn_mask = attn_mask[:, :, -1:] if last_only else attn_mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, Tq, C)  # (B, Tq, C)
         return self.resid_dropout(self.c_proj(y))
@@ -91,9 +91,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, queries: slice | None = None) -> torch.Tensor:
-        residual = x if queries is None else x[:, queries]
-        x = residual + self.attn(self.ln_1(x), attn_mask, queries)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+        residual = x[:, -1:] if last_only else x
+        x = residual + self.attn(self.ln_1(x), attn_mask, last_only)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -160,23 +160,25 @@ class DecisionTransformer(nn.Module):
         r = self.embed_return(returns_to_go[..., None]) + time  # (B, K, C)
         s = self.embed_state(states) + time  # (B, K, C)
         a = self.embed_action(actions) + time  # (B, K, C)
-        x = torch.stack((r, s, a), dim=2).reshape(B, 3 * K, -1)  # (B, 3K, C): R1 s1 a1 R2 ...
+        # R1 s1 a1 R2 s2 a2 ... R_K s_K: a_K is dropped, as no prediction can see it (causal).
+        T = 3 * K - 1
+        x = torch.stack((r, s, a), dim=2).reshape(B, 3 * K, -1)[:, :T]  # (B, T, C)
         x = self.drop(self.embed_ln(x))
 
         attn_mask = None
         if mask is not None:
-            keys = mask.repeat_interleave(3, dim=1)  # (B, 3K): the mask of every token
-            attn_mask = _causal(3 * K, x.device)[None] & keys[:, None, :]  # (B, 3K, 3K)
+            keys = mask.repeat_interleave(3, dim=1)[:, :T]  # (B, T): the mask of every token
+            attn_mask = _causal(T, x.device)[None] & keys[:, None, :]  # (B, T, T)
             # A padded token may attend to itself: its row is never all-False, so no NaN.
-            attn_mask = attn_mask | torch.eye(3 * K, dtype=torch.bool, device=x.device)
-            attn_mask = attn_mask[:, None]  # (B, 1, 3K, 3K), broadcast over heads
+            attn_mask = attn_mask | torch.eye(T, dtype=torch.bool, device=x.device)
+            attn_mask = attn_mask[:, None]  # (B, 1, T, T), broadcast over heads
 
         for i, block in enumerate(self.h):
             if last_only and i == len(self.h) - 1:
-                # Only the last state token (position 3K - 2) feeds the returned action.
-                x = block(x, attn_mask, queries=slice(3 * K - 2, 3 * K - 1))  # (B, 1, C)
+                # Only the last state token s_K, now the last token, feeds the returned action.
+                x = block(x, attn_mask, last_only=True)  # (B, 1, C)
             else:
-                x = block(x, attn_mask)  # (B, 3K, C)
+                x = block(x, attn_mask)  # (B, T, C)
         x = self.ln_f(x)
         if last_only:
             return self._head(x[:, -1])  # (B, act_dim)

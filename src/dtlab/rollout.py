@@ -146,7 +146,7 @@ def rollout(
             rtg = (target - torch.from_numpy(received)) * policy.reward_scale
             returns_to_go[:, row] = rtg.to(device=device, dtype=dtype)
             window = slice(t, t + K)
-            mask = (position >= pad - t).expand(n, K)  # (N, K): False at left pads
+            mask = (position >= pad - t).expand(n, K) if t < pad else None  # (N, K): False at left pads
             action = model(
                 states[:, window],
                 actions[:, window],

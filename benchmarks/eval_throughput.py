@@ -1,0 +1,157 @@
+"""Evaluation throughput: the tutorial's sequential loop against dtlab's batched rollout.
+
+    python benchmarks/eval_throughput.py --ckpt outputs/train/.../checkpoints/last.ckpt
+
+In one process, the same model and the same (targets x episodes):
+  (a) sequential: one env, one episode at a time, batch 1, the whole K-step window re-encoded
+      at every step (the HF Decision Transformer tutorial's loop);
+  (b) batched: `dtlab.rollout.rollout`, all episodes in one vector env, one model call a step;
+  (c) ceiling: (b)'s sequence of batched model calls alone plus its envs stepped alone.
+Prints env-steps/s of (a) and (b), the speed-up, and (b)'s overhead share (wall time that is
+neither model calls nor env steps); writes benchmarks/results/eval_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from dtlab.module import DTModule
+from dtlab.rollout import Policy, rollout
+
+ENV = {"id": "HalfCheetah-v5", "obs_dim": 17, "act_dim": 6, "ref_min_score": -280.178953, "ref_max_score": 12135.0}
+
+
+@torch.no_grad()
+def sequential(module: DTModule, targets: list[float], episodes: int, seed: int, max_steps: int) -> int:
+    """The tutorial's loop: histories grow by concatenation, the last K steps are padded into
+    a window and the full forward is run for one action."""
+    model, K = module.model.eval(), module.hparams.context_length
+    mean, std, scale = module.state_mean, module.state_std, module.reward_scale
+    env = gym.make(ENV["id"], max_episode_steps=max_steps)
+    steps = 0
+    for target in targets:
+        for e in range(episodes):
+            obs, _ = env.reset(seed=seed + e)
+            states = torch.from_numpy(obs).float()[None]
+            actions = torch.zeros(0, ENV["act_dim"])
+            rtg = torch.tensor([target * scale])
+            timesteps = torch.zeros(1, dtype=torch.long)
+            for t in range(max_steps):
+                actions = torch.cat([actions, torch.zeros(1, ENV["act_dim"])])
+                n = min(len(states), K)
+                pad = K - n
+                s = torch.cat([torch.zeros(pad, ENV["obs_dim"]), (states[-n:] - mean) / std])[None]
+                a = torch.cat([torch.zeros(pad, ENV["act_dim"]), actions[-n:]])[None]
+                r = torch.cat([torch.zeros(pad), rtg[-n:]])[None]
+                ts = torch.cat([torch.zeros(pad, dtype=torch.long), timesteps[-n:]])[None]
+                mask = (torch.arange(K) >= pad)[None]
+                action = model(s, a, r, ts, mask)[0, -1]
+                actions[-1] = action
+                obs, reward, terminated, truncated, _ = env.step(action.numpy())
+                steps += 1
+                if terminated or truncated:
+                    break
+                states = torch.cat([states, torch.from_numpy(obs).float()[None]])
+                rtg = torch.cat([rtg, (rtg[-1] - reward * scale)[None]])
+                timesteps = torch.cat([timesteps, torch.tensor([t + 1])])
+    env.close()
+    return steps
+
+
+@torch.inference_mode()
+def ceiling(module: DTModule, n: int, max_steps: int, seed: int) -> tuple[float, float]:
+    """Seconds for (b)'s model calls alone (same shapes, same count) and its envs stepped alone."""
+    model, K = module.model.eval(), module.hparams.context_length
+    g = torch.Generator().manual_seed(seed)
+    s, a = torch.randn(n, K, ENV["obs_dim"], generator=g), torch.rand(n, K, ENV["act_dim"], generator=g) * 2 - 1
+    r, ts = torch.randn(n, K, generator=g), torch.arange(K).expand(n, K)
+    start = time.perf_counter()
+    for t in range(max_steps):
+        mask = (torch.arange(K) >= K - 1 - t).expand(n, K)
+        model(s, a, r, ts, mask, last_only=True)
+    model_s = time.perf_counter() - start
+    envs = gym.make_vec(ENV["id"], num_envs=n, vectorization_mode="sync", max_episode_steps=max_steps)
+    envs.reset(seed=seed)
+    actions = np.random.default_rng(seed).uniform(-1, 1, size=(max_steps, n, ENV["act_dim"]))
+    start = time.perf_counter()
+    for t in range(max_steps):
+        envs.step(actions[t])
+    env_s = time.perf_counter() - start
+    envs.close()
+    return model_s, env_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", help="a dtlab checkpoint; default: a fresh paper-size model")
+    parser.add_argument("--targets", type=float, nargs="+", default=[6000.0, 12000.0])
+    parser.add_argument("--episodes", type=int, default=10, help="per target")
+    parser.add_argument("--max-steps", type=int, default=1000, help="steps per episode")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_throughput.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.ckpt:
+        module = DTModule.load_from_checkpoint(args.ckpt, map_location="cpu")
+    else:
+        torch.manual_seed(args.seed)
+        module = DTModule(ENV["id"], 17, 6, 1000, [0.0] * 17, [1.0] * 17, reward_scale=0.001)
+    env = {**ENV, "max_episode_steps": args.max_steps}
+    n = len(args.targets) * args.episodes
+
+    start = time.perf_counter()
+    seq_steps = sequential(module, args.targets, args.episodes, args.seed, args.max_steps)
+    seq_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result = rollout(Policy.from_module(module), env, args.targets, args.episodes, seed=args.seed, progress=False)
+    batched_s = time.perf_counter() - start
+    batched_steps = sum(e["length"] for e in result["episodes"])
+
+    model_s, env_s = ceiling(module, n, args.max_steps, args.seed)
+    overhead = max(batched_s - model_s - env_s, 0.0) / batched_s
+
+    report = {
+        "sequential_steps_per_s": seq_steps / seq_s,
+        "batched_steps_per_s": batched_steps / batched_s,
+        "speedup": (batched_steps / batched_s) / (seq_steps / seq_s),
+        "overhead_share": overhead,
+        "ceiling_steps_per_s": batched_steps / (model_s + env_s),
+        "seconds": {"sequential": seq_s, "batched": batched_s, "model_alone": model_s, "envs_alone": env_s},
+        "setup": {
+            "ckpt": args.ckpt,
+            "targets": args.targets,
+            "episodes_per_target": args.episodes,
+            "max_steps": args.max_steps,
+            "model": {k: module.hparams[k] for k in ("n_layer", "n_head", "n_embd", "context_length")},
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+        },
+    }
+    rows = [
+        ("(a) sequential, batch 1", seq_steps, seq_s),
+        ("(b) dtlab batched rollout", batched_steps, batched_s),
+        ("(c) ceiling: model + envs alone", batched_steps, model_s + env_s),
+    ]
+    print(f"{'method':34} {'env steps':>10} {'seconds':>9} {'steps/s':>9}")
+    for name, steps, seconds in rows:
+        print(f"{name:34} {steps:>10} {seconds:>9.1f} {steps / seconds:>9.0f}")
+    print(f"speed-up (b)/(a): {report['speedup']:.1f}x; (b) overhead share: {overhead:.1%}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
