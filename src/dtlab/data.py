@@ -9,9 +9,10 @@ episodes end to end, so batches are gathered by index arithmetic with no Python 
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,21 +70,183 @@ def load_local(path: str | Sequence[str] | None = None) -> datasets.Dataset:
                 parts.append(datasets.Dataset(pq.read_table(f)))
             except (pa.ArrowInvalid, OSError) as e:
                 raise DTLabError(f"{f!r} is not a Parquet file ({e}); convert it or fix the path") from None
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return _concatenate(parts)
 
 
-def load_hub(name: str, repo: str = HUB_REPO, revision: str = HUB_REVISION) -> datasets.Dataset:
-    """A config of the hub's D4RL copy, e.g. `halfcheetah-medium-v2`, through the HF cache
-    (`HF_DATASETS_OFFLINE=1` uses a cached copy only)."""
+def load_hub(name: str | Sequence[str], repo: str = HUB_REPO, revision: str = HUB_REVISION) -> datasets.Dataset:
+    """Config(s) of the hub's D4RL copy, e.g. `halfcheetah-medium-v2`, through the HF cache
+    (`HF_DATASETS_OFFLINE=1` uses a cached copy only). A list is concatenated:
+    [halfcheetah-medium-v2, halfcheetah-expert-v2] is D4RL's medium-expert."""
+    names = [name] if isinstance(name, str) else list(name)
+    parts = []
+    for n in names:
+        try:
+            parts.append(datasets.load_dataset(repo, n, revision=revision, split="train"))
+        except Exception as e:  # noqa: BLE001 - any failure here is "could not fetch", said plainly
+            reason = str(e).splitlines()[0][:200] if str(e) else ""
+            raise DTLabError(
+                f"could not load {repo} config {n!r} at revision {revision!r} ({type(e).__name__}: "
+                f"{reason}); on a machine with access to the HF Hub run it once to fill the HF cache "
+                "(then HF_DATASETS_OFFLINE=1 works), or download its Parquet file and use "
+                "dataset=local dataset.path=FILE"
+            ) from None
+    return _concatenate(parts)
+
+
+def load_hdf5(path: str) -> datasets.Dataset:
+    """A file in D4RL's flat HDF5 layout (`observations`, `actions`, `rewards`, `terminals`,
+    `timeouts`, one row per step), split into episodes after every terminal or timeout. Steps
+    after the last episode end are dropped, as in the DT reference code: their returns-to-go
+    would be cut short."""
     try:
-        return datasets.load_dataset(repo, name, revision=revision, split="train")
-    except Exception as e:  # noqa: BLE001 - any failure here is "could not fetch", said plainly
+        import h5py
+    except ImportError:
+        raise DTLabError("dataset=d4rl_hdf5 needs h5py: pip install 'dtlab[hdf5]'") from None
+    if not os.path.isfile(path):
+        raise DTLabError(f"dataset.path {path!r} is not a file: give a D4RL HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
+            if missing:
+                raise DTLabError(f"{path!r} lacks D4RL key(s) {missing} (has {sorted(f.keys())})")
+            columns = {k: f[k][:] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    except OSError as e:
+        raise DTLabError(f"{path!r} is not an HDF5 file ({e})") from None
+    ends = np.flatnonzero(columns["terminals"] | columns["timeouts"]) + 1
+    if len(ends) == 0:
+        raise DTLabError(f"{path!r} has no terminal or timeout: no complete episode to train on")
+    n = ends[-1]
+    return episodes_to_dataset(
+        columns["observations"][:n],
+        columns["actions"][:n],
+        columns["rewards"][:n],
+        columns["terminals"][:n].astype(bool),
+        np.diff(ends, prepend=0),
+    )
+
+
+def load_minari(name: str, download: bool = False) -> datasets.Dataset:
+    """A Minari dataset, e.g. `mujoco/halfcheetah/medium-v0`, from the local Minari store
+    (`MINARI_DATASETS_PATH`); `download=True` fetches it first. Minari keeps T+1 observations
+    per episode (the last is the one after the final action): it is dropped. Terminations are
+    our dones; truncations (time limits) are not."""
+    minari = _import_minari()
+    try:
+        ds = minari.load_dataset(name, download=download)
+    except Exception as e:  # noqa: BLE001 - minari raises several kinds for "not here"
         raise DTLabError(
-            f"could not load {repo} config {name!r} at revision {revision!r} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); on a machine "
-            "with access to the HF Hub run it once to fill the cache, or download the Parquet "
-            "file and use dataset=local dataset.path=FILE"
+            f"Minari dataset {name!r} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "list local ones with `minari list local`, or set dataset.download=true where the network is reachable"
         ) from None
+    episodes = list(ds.iterate_episodes())
+    return episodes_to_dataset(
+        np.concatenate([e.observations[:-1] for e in episodes]),
+        np.concatenate([e.actions for e in episodes]),
+        np.concatenate([e.rewards for e in episodes]),
+        np.concatenate([e.terminations for e in episodes]),
+        np.array([len(e.rewards) for e in episodes]),
+    )
+
+
+def minari_env(name: str, key: str | None = None) -> dict | object:
+    """An env config (see conf/env/) for the env a Minari dataset was recorded in, with the
+    dataset's own reference returns (they are not D4RL's); or its entry `key`."""
+    env = _minari_env(name)
+    return env if key is None else env[key]
+
+
+@functools.cache
+def _minari_env(name: str) -> dict:
+    minari = _import_minari()
+    try:
+        ds = minari.load_dataset(name)
+    except Exception as e:  # noqa: BLE001
+        raise DTLabError(f"env=from_dataset: Minari dataset {name!r} cannot be loaded ({e})") from None
+    spec, meta = ds.env_spec, ds.storage.metadata
+    if meta.get("ref_min_score") is None or meta.get("ref_max_score") is None:
+        raise DTLabError(
+            f"Minari dataset {name!r} has no reference returns: choose an env config with D4RL's (env=halfcheetah ...)"
+        )
+    return {
+        "id": spec.id,
+        "obs_dim": int(ds.observation_space.shape[0]),
+        "act_dim": int(ds.action_space.shape[0]),
+        "max_episode_steps": int(spec.max_episode_steps),
+        "ref_min_score": float(meta["ref_min_score"]),
+        "ref_max_score": float(meta["ref_max_score"]),
+    }
+
+
+def _import_minari():  # noqa: ANN202 - the module
+    try:
+        import minari
+    except ImportError:
+        raise DTLabError("dataset=minari needs the minari package: pip install 'dtlab[minari]'") from None
+    return minari
+
+
+def load_mixture(
+    sources: Mapping[str, Callable[[], datasets.Dataset]], weights: Mapping[str, float] | None = None
+) -> datasets.Dataset:
+    """Several sources in one dataset. Without weights, episodes are drawn in proportion to
+    their length across all sources, as if concatenated. With weights (one per source), source
+    s gets share weights[s] / sum(weights) of all windows, spread over its episodes by length."""
+    if not sources:
+        raise DTLabError("dataset=mixture needs at least one source under dataset.sources")
+    if weights is not None:
+        if set(weights) != set(sources):
+            raise DTLabError(
+                f"dataset.weights names {sorted(weights)} but dataset.sources are {sorted(sources)}: "
+                "give one weight each"
+            )
+        if min(weights.values()) < 0 or sum(weights.values()) <= 0:
+            raise DTLabError(f"dataset.weights {dict(weights)} must be >= 0 and not all 0")
+    parts = []
+    for name, load in sources.items():
+        ds = load().select_columns(list(COLUMNS))
+        steps = int(pc.sum(pc.list_value_length(ds.data.column("rewards"))).as_py() or 0)
+        factor = 1.0 if weights is None else weights[name] / max(steps, 1)
+        ds = ds.add_column("source", [name] * len(ds)).add_column("sampling_weight", [factor] * len(ds))
+        parts.append(ds)
+    return _concatenate(parts)
+
+
+def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
+    if len(parts) == 1:
+        return parts[0]
+    features = parts[0].features
+    try:
+        return datasets.concatenate_datasets([p.select_columns(list(features)).cast(features) for p in parts])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DTLabError(f"datasets cannot be combined: their columns differ ({e})") from None
+
+
+def episodes_to_dataset(
+    observations: np.ndarray, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray, lengths: np.ndarray
+) -> datasets.Dataset:
+    """Flat per-step arrays and episode lengths as an HF Dataset in the hub's schema, built from
+    Arrow offsets (no per-episode Python lists)."""
+    episode_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+    def nested(values: np.ndarray) -> pa.Array:
+        values = np.asarray(values)
+        if values.ndim == 2:
+            width = values.shape[1]
+            step_offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32) * width)
+            steps = pa.ListArray.from_arrays(step_offsets, pa.array(values.astype(np.float32).ravel()))
+        else:
+            steps = pa.array(values.astype(bool) if values.dtype == bool else values.astype(np.float32))
+        return pa.ListArray.from_arrays(episode_offsets, steps)
+
+    table = pa.table(
+        {
+            "observations": nested(observations),
+            "actions": nested(actions),
+            "rewards": nested(rewards),
+            "dones": nested(np.asarray(dones, dtype=bool)),
+        }
+    )
+    return datasets.Dataset(table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +262,8 @@ class Episodes:
     rewards: np.ndarray  # (N,) float32
     starts: np.ndarray  # (E,) int64
     lengths: np.ndarray  # (E,) int64
+    weights: np.ndarray  # (E,) float64: an episode is drawn with probability ~ length * weight
+    sources: np.ndarray  # (E,) str: the source each episode came from (dataset=mixture)
 
     @property
     def num_episodes(self) -> int:
@@ -120,7 +285,15 @@ class Episodes:
         rows = np.concatenate([np.arange(self.starts[e], self.starts[e] + self.lengths[e]) for e in episode_ids])
         lengths = self.lengths[episode_ids]
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        return Episodes(self.observations[rows], self.actions[rows], self.rewards[rows], starts, lengths)
+        return Episodes(
+            self.observations[rows],
+            self.actions[rows],
+            self.rewards[rows],
+            starts,
+            lengths,
+            self.weights[episode_ids],
+            self.sources[episode_ids],
+        )
 
 
 def _flat_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +350,12 @@ def episodes_from_dataset(ds: datasets.Dataset) -> Episodes:
                 f"{name} hold NaN or Inf at episode {e}, step {row - starts[e]}: "
                 "clean or drop that episode before training"
             )
-    return Episodes(observations, actions, rewards, starts, lengths)
+    E = len(lengths)
+    weights = (
+        np.asarray(ds["sampling_weight"], dtype=np.float64) if "sampling_weight" in ds.column_names else np.ones(E)
+    )
+    sources = np.asarray(ds["source"] if "source" in ds.column_names else ["dataset"] * E)
+    return Episodes(observations, actions, rewards, starts, lengths, weights, sources)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +386,8 @@ class WindowSampler:
         self.returns_to_go = torch.from_numpy(episodes.returns_to_go() * reward_scale).float()
         self.starts = torch.from_numpy(episodes.starts)
         self.lengths = torch.from_numpy(episodes.lengths)
-        self.episode_probs = self.lengths.double() / self.lengths.sum()
+        probs = self.lengths.double() * torch.from_numpy(episodes.weights)
+        self.episode_probs = probs / probs.sum()
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         episode = torch.multinomial(self.episode_probs, batch_size, replacement=True, generator=generator)
@@ -266,7 +445,7 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     `load` returns the episodes as an HF Dataset (a `load_*` function of this module, chosen
     by the `dataset` config group). After `setup()`: `state_mean`, `state_std`, `train` and
-    `val` (Episodes) and `episode_returns` (all episodes) are available."""
+    `val` (Episodes), `episode_returns` (all episodes) and `report` are available."""
 
     def __init__(
         self,
@@ -280,7 +459,10 @@ class TrajectoryDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         val_batches: int = 8,
         seed: int = 0,
+        ref_scores: Sequence[float] | None = None,
     ) -> None:
+        """ref_scores: the env's (random, expert) reference returns, for the dataset report's
+        normalized mean."""
         super().__init__()
         if context_length > max_ep_len:
             raise DTLabError(
@@ -291,7 +473,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.obs_dim, self.act_dim, self.max_ep_len = obs_dim, act_dim, max_ep_len
         self.context_length, self.batch_size = context_length, batch_size
         self.reward_scale, self.val_fraction, self.val_batches = reward_scale, val_fraction, val_batches
-        self.seed = seed
+        self.seed, self.ref_scores = seed, ref_scores
         self.train: Episodes | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -305,6 +487,7 @@ class TrajectoryDataModule(L.LightningDataModule):
                 f"expects {self.obs_dim} and {self.act_dim}: choose the env the data was recorded in (env=...)"
             )
         self.episode_returns = episodes.returns
+        self.report = dataset_report(episodes, self.ref_scores)
         order = np.random.default_rng(self.seed).permutation(episodes.num_episodes)
         E = episodes.num_episodes
         n_val = min(max(round(self.val_fraction * E), 1), E - 1) if self.val_fraction > 0 and E > 1 else 0
@@ -339,3 +522,40 @@ class TrajectoryDataModule(L.LightningDataModule):
             generator = torch.Generator().manual_seed(batch_seed(self.seed, VAL_STREAM, 0))
             batches = [sampler.sample(self.batch_size, generator) for _ in range(self.val_batches)]
         return DataLoader(batches, batch_size=None)
+
+
+def dataset_report(episodes: Episodes, ref_scores: Sequence[float] | None = None) -> list[dict]:
+    """One row per source (and one for all, when there are several): what was loaded."""
+    returns = episodes.returns
+    names = list(dict.fromkeys(episodes.sources))
+    rows = []
+    for name in [*names, "all"] if len(names) > 1 else names:
+        of = np.ones(len(returns), dtype=bool) if name == "all" else episodes.sources == name
+        r, n = returns[of], episodes.lengths[of]
+        row = {
+            "source": str(name),
+            "episodes": int(of.sum()),
+            "transitions": int(n.sum()),
+            "return_min": float(r.min()),
+            "return_median": float(np.median(r)),
+            "return_mean": float(r.mean()),
+            "return_max": float(r.max()),
+            "length_min": int(n.min()),
+            "length_max": int(n.max()),
+            "obs_dim": episodes.observations.shape[1],
+            "act_dim": episodes.actions.shape[1],
+        }
+        if ref_scores is not None:
+            lo, hi = ref_scores
+            row["normalized_mean"] = 100.0 * (row["return_mean"] - lo) / (hi - lo)
+        rows.append(row)
+    return rows
+
+
+def format_report(rows: Sequence[Mapping]) -> str:
+    columns = list(rows[0])
+    cells = [[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)

@@ -174,11 +174,8 @@ class DecisionTransformer(nn.Module):
             attn_mask = attn_mask[:, None]  # (B, 1, T, T), broadcast over heads
 
         for i, block in enumerate(self.h):
-            if last_only and i == len(self.h) - 1:
-                # Only the last state token s_K, now the last token, feeds the returned action.
-                x = block(x, attn_mask, last_only=True)  # (B, 1, C)
-            else:
-                x = block(x, attn_mask)  # (B, T, C)
+            # In the last block only the last token, s_K, feeds the returned action.
+            x = block(x, attn_mask, last_only=last_only and i == len(self.h) - 1)  # (B, T or 1, C)
         x = self.ln_f(x)
         if last_only:
             return self._head(x[:, -1])  # (B, act_dim)

@@ -12,10 +12,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dtlab import DTLabError
+from dtlab.data import format_report, minari_env
 from dtlab.rollout import check_env
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger(__name__)
+# env=from_dataset reads the env config out of a Minari dataset
+OmegaConf.register_new_resolver("minari_env", minari_env, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -28,6 +31,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Load and check the data first: a bad dataset fails in seconds, before any model exists.
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
+    log.info("dataset:\n%s", format_report(datamodule.report))
     module = instantiate(
         cfg.model,
         _convert_="all",  # plain lists and dicts in the checkpoint's hyperparameters
