@@ -282,9 +282,9 @@ class Episodes:
         return cumsum[ends] - cumsum[:-1]
 
     def select(self, episode_ids: np.ndarray) -> Episodes:
-        rows = np.concatenate([np.arange(self.starts[e], self.starts[e] + self.lengths[e]) for e in episode_ids])
         lengths = self.lengths[episode_ids]
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        starts = (np.cumsum(lengths) - lengths).astype(np.int64)
+        rows = np.arange(lengths.sum()) + np.repeat(self.starts[episode_ids] - starts, lengths)
         return Episodes(
             self.observations[rows],
             self.actions[rows],
