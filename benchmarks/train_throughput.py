@@ -204,7 +204,8 @@ def main() -> None:
     print(f"{'(b) dtlab DataModule + DTModule + Trainer':46} {ours['samples_per_s']:>10.0f}")
     print(f"speed-up (b)/(a): {report['speedup']:.2f}x; (b) time getting batches: {ours['data_time_share']:.1%}")
     print(
-        f"(b) model: {achieved / 1e9:.1f} GFLOP/s = {report['peak_fraction']:.1%} of the fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s)"
+        f"(b) model: {achieved / 1e9:.1f} GFLOP/s = {report['peak_fraction']:.1%} "
+        f"of the fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s)"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
