@@ -1,5 +1,7 @@
 """transformers interop: imported and exported models predict the same actions as transformers'."""
 
+import json
+import subprocess
 import sys
 
 import pytest
@@ -9,6 +11,7 @@ pytest.importorskip("transformers")
 from transformers import DecisionTransformerConfig, DecisionTransformerModel  # noqa: E402
 
 from dtlab import DTLabError  # noqa: E402
+from dtlab.evaluate import evaluate  # noqa: E402
 from dtlab.hf import from_transformers, to_transformers, transformers_actions  # noqa: E402
 from dtlab.module import DTModule  # noqa: E402
 
@@ -113,3 +116,51 @@ def test_missing_transformers_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: import raises ImportError
     with pytest.raises(DTLabError, match=r"pip install 'dtlab\[hf\]'"):
         to_transformers(DTModule("HalfCheetah-v5", STATE, ACT, MAX_EP_LEN, [0.0] * STATE, [1.0] * STATE, 0.001))
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """A fresh HalfCheetah DTModule exported to a transformers folder, with its dtlab.json."""
+    torch.manual_seed(3)
+    module = DTModule("HalfCheetah-v5", STATE, ACT, MAX_EP_LEN, [0.0] * STATE, [1.0] * STATE, 0.001, context_length=K)
+    to_transformers(module, tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_evaluate_command_runs_a_transformers_folder(exported, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtlab.evaluate",
+        f"hf_model={exported}",
+        "env=halfcheetah",
+        "env.max_episode_steps=30",
+        "target_return=custom",
+        "target_return.values=[0,500]",
+        "eval.episodes=2",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert report["hf_model"] == str(exported.resolve()) and report["env_id"] == "HalfCheetah-v5"
+    assert [e["length"] for e in report["episodes"]] == [30] * 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "does not say its env config: choose one with env="),
+        (["env=hopper"], "hf_model was trained in HalfCheetah-v5 but env=Hopper-v5 was asked"),
+        (["env=halfcheetah", "ckpt_path=x.ckpt"], "give one of ckpt_path=PATH"),
+    ],
+)
+def test_evaluate_refuses_what_a_transformers_folder_cannot_tell(exported, make_cfg, args, message):
+    with pytest.raises(DTLabError, match=message):
+        evaluate(make_cfg(f"hf_model={exported}", *args, config="evaluate"))
+
+
+def test_evaluate_needs_the_normalization(tmp_path, make_cfg):
+    random_transformers_model().save_pretrained(tmp_path / "hf")
+    with pytest.raises(DTLabError, match="no dtlab.json"):
+        evaluate(make_cfg(f"hf_model={tmp_path / 'hf'}", "env=halfcheetah", config="evaluate"))
