@@ -9,8 +9,8 @@ Both compute the same function, but the weights are laid out differently:
 - transformers adds GPT-2's position table at position id 0 to every token (the DT passes
   all-zero position ids) right after embed_ln; that is a constant, folded into embed_ln's bias
   on import and zeroed on export.
-- The MLP activation is a config choice there ("relu" in DT checkpoints, GPT-2's "gelu_new"
-  by default) and DTConfig.activation here: mapped, never approximated.
+- The MLP activation is a config choice there (DecisionTransformerConfig defaults to "relu",
+  GPT-2 to "gelu_new") and DTConfig.activation here: mapped, never approximated.
 - transformers predicts states and returns too; dtlab predicts actions only, so those heads
   are dropped on import and left at transformers' initialisation on export.
 Settings dtlab's model cannot represent (inverse-layer attention scaling, unscaled attention,

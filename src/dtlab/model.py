@@ -32,7 +32,7 @@ class DTConfig:
     dropout: float = 0.1  # on embeddings, attention weights, residual branches
     action_tanh: bool = True  # squash predicted actions into [-1, 1]
     # MLP nonlinearity: "gelu" (exact, erf), "gelu_tanh" (GPT-2's tanh approximation) or "relu"
-    # (the DT reference code's, hence the transformers checkpoints'); see dtlab.hf.
+    # (transformers' DecisionTransformerConfig default); see dtlab.hf.
     activation: str = "gelu"
 
 
