@@ -2,13 +2,17 @@
 
     python benchmarks/eval_throughput.py --ckpt outputs/train/.../checkpoints/last.ckpt
 
-In one process, the same model and the same (targets x episodes):
-  (a) sequential: one env, one episode at a time, batch 1, the whole K-step window re-encoded
-      at every step (the HF Decision Transformer tutorial's loop);
+In one process, the same policy (one set of weights) and the same (targets x episodes):
+  (a) sequential: the HF Decision Transformer tutorial's loop on `transformers`'
+      DecisionTransformerModel (the weights exported by `dtlab.hf.to_transformers`, checked to
+      predict dtlab's actions to 1e-5 first): one env, one episode at a time, batch 1, the
+      whole K-step window re-encoded at every step;
+  (a') the same loop calling dtlab's model, to separate the loop's cost from the model's;
   (b) batched: `dtlab.rollout.rollout`, all episodes in one vector env, one model call a step;
   (c) ceiling: (b)'s sequence of batched model calls alone plus its envs stepped alone.
-Prints env-steps/s of (a) and (b), the speed-up, and (b)'s overhead share (wall time that is
-neither model calls nor env steps); writes benchmarks/results/eval_throughput.json.
+Prints env-steps/s of each, the speed-ups of (b) over (a) and over (a'), and (b)'s overhead
+share (wall time that is neither model calls nor env steps); writes
+benchmarks/results/eval_throughput.json.
 """
 
 from __future__ import annotations
@@ -17,23 +21,53 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import torch
+import transformers
 
+from dtlab.hf import to_transformers, transformers_actions
 from dtlab.module import DTModule
 from dtlab.rollout import Policy, rollout
 
 ENV = {"id": "HalfCheetah-v5", "obs_dim": 17, "act_dim": 6, "ref_min_score": -280.178953, "ref_max_score": 12135.0}
 
 
+# A window in dtlab's convention -> the action at its last step
+ActionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def transformers_loop_action(hf: torch.nn.Module) -> ActionFn:
+    """The tutorial's `get_action` call: full forward, (B, K, 1) returns-to-go, integer attention mask."""
+    return lambda s, a, r, ts, mask: transformers_actions(hf, s, a, r, ts, mask)[0, -1]
+
+
+def dtlab_loop_action(model: torch.nn.Module) -> ActionFn:
+    return lambda s, a, r, ts, mask: model(s, a, r, ts, mask)[0, -1]
+
+
 @torch.no_grad()
-def sequential(module: DTModule, targets: list[float], episodes: int, seed: int, max_steps: int) -> int:
+def check_same_policy(hf: torch.nn.Module, model: torch.nn.Module, K: int, seed: int) -> float:
+    """Max abs difference between the two models' actions on random windows, one left-padded
+    per pad length, at the valid steps; fails unless it is <= 1e-5."""
+    g = torch.Generator().manual_seed(seed)
+    s, a = torch.randn(K, K, ENV["obs_dim"], generator=g), torch.rand(K, K, ENV["act_dim"], generator=g) * 2 - 1
+    r, ts = torch.randn(K, K, generator=g), torch.arange(K).expand(K, K)
+    mask = torch.arange(K)[None] >= torch.arange(K)[:, None]  # window i has i padded steps
+    diff = (transformers_actions(hf, s, a, r, ts, mask) - model(s, a, r, ts, mask))[mask].abs().max().item()
+    if diff > 1e-5:
+        raise SystemExit(f"transformers' model and dtlab's differ by {diff:.2e} > 1e-5: not the same policy")
+    return diff
+
+
+@torch.no_grad()
+def sequential(act: ActionFn, module: DTModule, targets: list[float], episodes: int, seed: int, max_steps: int) -> int:
     """The tutorial's loop: histories grow by concatenation, the last K steps are padded into
     a window and the full forward is run for one action."""
-    model, K = module.model.eval(), module.hparams.context_length
+    K = module.hparams.context_length
     mean, std, scale = module.state_mean, module.state_std, module.reward_scale
     env = gym.make(ENV["id"], max_episode_steps=max_steps)
     steps = 0
@@ -53,7 +87,7 @@ def sequential(module: DTModule, targets: list[float], episodes: int, seed: int,
                 r = torch.cat([torch.zeros(pad), rtg[-n:]])[None]
                 ts = torch.cat([torch.zeros(pad, dtype=torch.long), timesteps[-n:]])[None]
                 mask = (torch.arange(K) >= pad)[None]
-                action = model(s, a, r, ts, mask)[0, -1]
+                action = act(s, a, r, ts, mask)
                 actions[-1] = action
                 obs, reward, terminated, truncated, _ = env.step(action.numpy())
                 steps += 1
@@ -109,9 +143,19 @@ def main() -> None:
     env = {**ENV, "max_episode_steps": args.max_steps}
     n = len(args.targets) * args.episodes
 
+    module.eval()
+    hf = to_transformers(module).eval()
+    same_policy_diff = check_same_policy(hf, module.model, module.hparams.context_length, args.seed)
+
     start = time.perf_counter()
-    seq_steps = sequential(module, args.targets, args.episodes, args.seed, args.max_steps)
+    seq_steps = sequential(transformers_loop_action(hf), module, args.targets, args.episodes, args.seed, args.max_steps)
     seq_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    own_steps = sequential(
+        dtlab_loop_action(module.model), module, args.targets, args.episodes, args.seed, args.max_steps
+    )
+    own_s = time.perf_counter() - start
 
     start = time.perf_counter()
     result = rollout(Policy.from_module(module), env, args.targets, args.episodes, seed=args.seed, progress=False)
@@ -123,11 +167,20 @@ def main() -> None:
 
     report = {
         "sequential_steps_per_s": seq_steps / seq_s,
+        "sequential_dtlab_steps_per_s": own_steps / own_s,
         "batched_steps_per_s": batched_steps / batched_s,
         "speedup": (batched_steps / batched_s) / (seq_steps / seq_s),
+        "speedup_vs_same_model": (batched_steps / batched_s) / (own_steps / own_s),
         "overhead_share": overhead,
         "ceiling_steps_per_s": batched_steps / (model_s + env_s),
-        "seconds": {"sequential": seq_s, "batched": batched_s, "model_alone": model_s, "envs_alone": env_s},
+        "same_policy_max_abs_diff": same_policy_diff,
+        "seconds": {
+            "sequential": seq_s,
+            "sequential_dtlab": own_s,
+            "batched": batched_s,
+            "model_alone": model_s,
+            "envs_alone": env_s,
+        },
         "setup": {
             "ckpt": args.ckpt,
             "targets": args.targets,
@@ -136,18 +189,23 @@ def main() -> None:
             "model": {k: module.hparams[k] for k in ("n_layer", "n_head", "n_embd", "context_length")},
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "cpu": platform.processor() or platform.machine(),
         },
     }
     rows = [
-        ("(a) sequential, batch 1", seq_steps, seq_s),
+        ("(a) HF tutorial loop, transformers", seq_steps, seq_s),
+        ("(a') same loop, dtlab's model", own_steps, own_s),
         ("(b) dtlab batched rollout", batched_steps, batched_s),
         ("(c) ceiling: model + envs alone", batched_steps, model_s + env_s),
     ]
-    print(f"{'method':34} {'env steps':>10} {'seconds':>9} {'steps/s':>9}")
+    print(f"{'method':36} {'env steps':>10} {'seconds':>9} {'steps/s':>9}")
     for name, steps, seconds in rows:
-        print(f"{name:34} {steps:>10} {seconds:>9.1f} {steps / seconds:>9.0f}")
-    print(f"speed-up (b)/(a): {report['speedup']:.1f}x; (b) overhead share: {overhead:.1%}")
+        print(f"{name:36} {steps:>10} {seconds:>9.1f} {steps / seconds:>9.0f}")
+    print(
+        f"speed-up (b)/(a): {report['speedup']:.1f}x, (b)/(a'): {report['speedup_vs_same_model']:.1f}x; "
+        f"(b) overhead share: {overhead:.1%}; (a) and (b) policies agree to {same_policy_diff:.1e}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

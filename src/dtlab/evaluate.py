@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint in its env: `python -m dtlab.evaluate ckpt_path=PATH [overrides]`.
+"""Evaluate a checkpoint in its env: `python -m dtlab.evaluate ckpt_path=PATH [overrides]`, or a
+transformers DecisionTransformerModel folder: `python -m dtlab.evaluate hf_model=PATH env=ENV`.
 
 Prints a table, and writes `evaluation.json` (every episode, a summary per target, the
 checkpoint, env and library versions) and the return-conditioning plot into the run dir.
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dtlab import DTLabError
 from dtlab.callbacks import plot_return_conditioning, write_video
+from dtlab.hf import from_transformers
 from dtlab.module import DTModule
 from dtlab.rollout import Policy, check_env, resolve_targets, rollout
 from dtlab.train import CONF_DIR, run_cli
@@ -39,27 +41,48 @@ def load_checkpoint(path: str) -> DTModule:
         ) from None
 
 
+def load_policy(cfg: DictConfig) -> tuple[Policy, str | None, dict | None, list[float] | None]:
+    """The policy to evaluate, with what its source says of its training (None where it says
+    nothing): the env id, that env's config, the training data's episode returns."""
+    if (cfg.ckpt_path is None) == (cfg.hf_model is None):
+        raise DTLabError(
+            "give one of ckpt_path=PATH (a dtlab checkpoint) or hf_model=PATH (a transformers save_pretrained folder)"
+        )
+    if cfg.hf_model is not None:
+        imported = from_transformers(cfg.hf_model)
+        return imported.policy(repr(cfg.hf_model)), imported.env_id, None, None
+    module = load_checkpoint(cfg.ckpt_path)
+    return Policy.from_module(module), module.hparams.env_id, module.env_config, module.episode_returns
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Roll out the checkpoint for every target return; returns the report it writes."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    module = load_checkpoint(cfg.ckpt_path)
-    trained_in = module.env_config or {}
+    policy, trained_env_id, trained_in, episode_returns = load_policy(cfg)
+    source_key = "ckpt_path" if cfg.ckpt_path is not None else "hf_model"
+    source = cfg[source_key]
     with open_dict(cfg):
         if cfg.get("env") is None:
             if not trained_in:
-                raise DTLabError(f"checkpoint {cfg.ckpt_path!r} does not say its env: choose one with env=...")
+                raise DTLabError(f"{source!r} does not say its env config: choose one with env=...")
             cfg.env = trained_in
-    if cfg.env.id != module.hparams.env_id:
+    if trained_env_id is not None and cfg.env.id != trained_env_id:
         raise DTLabError(
-            f"checkpoint was trained in {module.hparams.env_id} but env={cfg.env.id} was asked: "
+            f"{source_key} was trained in {trained_env_id} but env={cfg.env.id} was asked: "
             "evaluate it in the env it was trained in (drop the env override)"
         )
+    model_dims = (policy.model.config.state_dim, policy.model.config.act_dim)
+    if model_dims != (cfg.env.obs_dim, cfg.env.act_dim):
+        raise DTLabError(
+            f"the model takes observations of size {model_dims[0]} and actions of size {model_dims[1]}, "
+            f"but {cfg.env.id} has {cfg.env.obs_dim} and {cfg.env.act_dim}: choose the env it was trained in"
+        )
     check_env(cfg.env)
-    targets = resolve_targets(cfg.target_return, module.episode_returns)
+    targets = resolve_targets(cfg.target_return, episode_returns)
     out = Path(cfg.paths.output_dir)
     result = rollout(
-        Policy.from_module(module),
+        policy,
         cfg.env,
         targets,
         cfg.eval.episodes,
@@ -68,7 +91,7 @@ def evaluate(cfg: DictConfig) -> dict:
         video_frames=cfg.eval.video_frames if cfg.eval.video else 0,
     )
     report = {
-        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+        source_key: str(Path(source).resolve()),
         "env_id": cfg.env.id,
         "episodes": result["episodes"],
         "summary": result["summary"],
@@ -81,7 +104,7 @@ def evaluate(cfg: DictConfig) -> dict:
         },
     }
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
-    plot_return_conditioning(result["episodes"], module.episode_returns, out / "return_conditioning.png", cfg.env.id)
+    plot_return_conditioning(result["episodes"], episode_returns, out / "return_conditioning.png", cfg.env.id)
     for target, frames in zip(targets, result.get("frames", []), strict=False):
         write_video(frames, out / f"video_target{target:g}.mp4")
 

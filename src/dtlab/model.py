@@ -31,6 +31,12 @@ class DTConfig:
     n_embd: int = 128
     dropout: float = 0.1  # on embeddings, attention weights, residual branches
     action_tanh: bool = True  # squash predicted actions into [-1, 1]
+    # MLP nonlinearity: "gelu" (exact, erf), "gelu_tanh" (GPT-2's tanh approximation) or "relu"
+    # (transformers' DecisionTransformerConfig default); see dtlab.hf.
+    activation: str = "gelu"
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,13 +78,15 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: DTConfig) -> None:
         super().__init__()
+        if config.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={config.activation!r} is unknown: use one of {sorted(ACTIVATIONS)}")
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU()
+        self.act = ACTIVATIONS[config.activation]()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
