@@ -11,17 +11,33 @@ fall) stops counting; it keeps stepping only so that shapes stay static.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from dtlab import DTLabError
 from dtlab.model import DecisionTransformer
+
+_mujoco_warnings: set[str] = set()
+
+
+def _log_mujoco_warning(message: str) -> None:
+    """MuJoCo prints its warnings to stderr once per env built (20 envs, 20 copies of e.g.
+    gymnasium's deprecated `settotalmass`) and appends them to MUJOCO_LOG.TXT in the working
+    directory; log each distinct one once instead."""
+    if message not in _mujoco_warnings:
+        _mujoco_warnings.add(message)
+        logging.getLogger("mujoco").warning(message)
+
+
+mujoco.set_mju_user_warning(_log_mujoco_warning)
 
 
 @dataclass
