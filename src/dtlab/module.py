@@ -50,7 +50,7 @@ class DTModule(L.LightningModule):
             raise DTLabError(
                 f"state_mean/state_std have {len(state_mean)}/{len(state_std)} entries, expected {state_dim}"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run config is the resolved Hydra config (dtlab.train)
         self.config = DTConfig(
             state_dim=state_dim,
             act_dim=act_dim,
