@@ -143,9 +143,10 @@ def read_offline_run(run_dir: str | Path) -> dict:
     return run
 
 
-def main(argv: list[str]) -> None:
-    """Print group, name, id and the last and best eval/normalized_score of every offline run under the given dirs."""
-    for root in argv or ["."]:
+def main() -> None:
+    """Print group, name, id and the last and best eval/normalized_score of every offline run
+    under the dirs given (default: the current one)."""
+    for root in sys.argv[1:] or ["."]:
         for run_dir in sorted(Path(root).rglob("offline-run-*")):
             s = read_offline_run(run_dir)
             summary = s["summary"]
@@ -154,4 +155,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
