@@ -93,7 +93,8 @@ class DTModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("val/action_mse", self._action_mse(batch), prog_bar=True)
+        # under DDP each rank validates its share of the batches: average over ranks
+        self.log("val/action_mse", self._action_mse(batch), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -48,9 +50,6 @@ class WandbLogger(LightningWandbLogger):
         self.offline_reason = None
         if mode is None and not os.environ.get("WANDB_MODE") and not has_credentials():
             mode, self.offline_reason = "offline", "no W&B credentials (wandb login or WANDB_API_KEY)"
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         if HydraConfig.initialized():
             hydra = HydraConfig.get()
             if group is None and hydra.mode == RunMode.MULTIRUN:
