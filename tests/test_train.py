@@ -60,7 +60,7 @@ def test_every_config_composes_and_instantiates(make_cfg, group, option):
 
 
 def test_tiny_fit_through_compose_api(make_cfg, tmp_path):
-    cfg = make_cfg("debug=smoke", "trainer.max_steps=30")
+    cfg = make_cfg("debug=smoke", "trainer.max_steps=30", "logger=csv")
     metrics = train(cfg)
     assert {"train/loss", "val/action_mse", "eval/normalized_score"} <= set(metrics)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"

@@ -62,9 +62,10 @@ def write_video(frames: Sequence[np.ndarray], path: Path, fps: int = 20) -> Path
 class EvaluationCallback(L.Callback):
     """Every `every_n_steps` training steps, and at the last step, run the rollouts in eval mode
     and log `eval/<target>/return_mean|return_std|normalized_score` and the headline
-    `eval/normalized_score` (the best target's), which ModelCheckpoint can monitor. Writes the
-    return-conditioning plot (and, with `video`, one MP4 per target) under
-    `output_dir/eval/`, and hands them to loggers that take media."""
+    `eval/normalized_score` (the best target's), which ModelCheckpoint can monitor, and
+    `eval/normalized_score_best` (the best so far). Writes the return-conditioning plot (and,
+    with `video`, one MP4 per target) under `output_dir/eval/`, and hands them and a table of
+    the episodes to loggers that take media (W&B: image, `wandb.Video`, `wandb.Table`)."""
 
     def __init__(
         self,
@@ -82,27 +83,56 @@ class EvaluationCallback(L.Callback):
         self.output_dir = Path(output_dir) / "eval"
         self.episodes, self.seed, self.every_n_steps = episodes, seed, every_n_steps
         self.vector_mode, self.video, self.video_frames = vector_mode, video, video_frames
-        self.last: dict | None = None
+        self.last: dict | None = None  # the latest rollout result (on rank 0)
+        self.best = float("-inf")  # best eval/normalized_score so far, kept in checkpoints for resuming
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
         if (self.every_n_steps > 0 and step % self.every_n_steps == 0) or step >= trainer.max_steps:
             self.evaluate(trainer, pl_module)
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        step = trainer.global_step
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict["best"]
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
+        """Roll out on rank 0 and log on every rank; returns the rollout result on rank 0.
+
+        Under DDP every rank logs rank 0's numbers: ModelCheckpoint runs on all ranks, and a
+        metric only rank 0 logged (rank_zero_only) would be missing on the others, so rank 0
+        alone would save best.ckpt and wait in the checkpoint barrier forever."""
+        result = self._rollout(trainer, pl_module) if trainer.is_global_zero else None
+        metrics = trainer.strategy.broadcast(self._metrics(result) if result else None, src=0)
+        self.best = max(self.best, metrics["eval/normalized_score"])
+        metrics["eval/normalized_score_best"] = self.best
+        # Straight to the loggers (they write on rank 0 only), once: pl_module.log from a
+        # callback hook would repeat the values at every later logging step. callback_metrics
+        # is what ModelCheckpoint (on every rank) and train()'s return value read.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if result:
+            self._log_media(trainer, result)
+        self.last = result
+        return result
+
+    def _rollout(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         dataset_returns = getattr(trainer.datamodule, "episode_returns", None)
-        targets = resolve_targets(self.target_return, dataset_returns)
-        result = rollout(
+        return rollout(
             Policy.from_module(pl_module),
             self.env,
-            targets,
+            resolve_targets(self.target_return, dataset_returns),
             self.episodes,
             seed=self.seed,
             vector_mode=self.vector_mode,
             video_frames=self.video_frames if self.video else 0,
             progress=trainer.progress_bar_callback is not None,
         )
+
+    @staticmethod
+    def _metrics(result: dict) -> dict[str, float]:
         metrics = {}
         for s in result["summary"]:
             key = f"eval/{s['target']:g}"
@@ -112,32 +142,43 @@ class EvaluationCallback(L.Callback):
                 f"{key}/normalized_score": s["normalized_score"],
             }
         metrics["eval/normalized_score"] = max(s["normalized_score"] for s in result["summary"])
-        # Straight to the loggers, once: pl_module.log from a callback hook would repeat the
-        # values at every later logging step. callback_metrics is what ModelCheckpoint and
-        # train()'s return value read.
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        return metrics
+
+    def _log_media(self, trainer: L.Trainer, result: dict) -> None:
+        """The log line, the plot and videos on disk, and media for the loggers that take them."""
+        step = trainer.global_step
+        summary = result["summary"]
         log.info(
             "step %d eval: %s",
             step,
-            ", ".join(
-                f"target {s['target']:g}: {s['return_mean']:.0f} ({s['normalized_score']:.1f})"
-                for s in result["summary"]
-            ),
+            ", ".join(f"target {s['target']:g}: {s['return_mean']:.0f} ({s['normalized_score']:.1f})" for s in summary),
         )
-
+        dataset_returns = getattr(trainer.datamodule, "episode_returns", None)
         plot = plot_return_conditioning(
             result["episodes"], dataset_returns, self.output_dir / f"return_conditioning_step{step}.png", f"step {step}"
         )
+        targets = [s["target"] for s in summary]
         videos = [
             write_video(frames, self.output_dir / f"video_target{target:g}_step{step}.mp4")
             for target, frames in zip(targets, result.get("frames", []), strict=False)
+        ]
+        # episodes are target-major, `self.episodes` per target
+        columns = ["target", "episode", "seed", "return", "normalized_score", "length"]
+        rows = [
+            [e["target"], i % self.episodes, e["seed"], e["return"], e["normalized_score"], e["length"]]
+            for i, e in enumerate(result["episodes"])
         ]
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image("eval/return_conditioning", images=[str(plot)], step=step)
             if videos and hasattr(logger, "log_video"):
-                logger.log_video("eval/video", videos=[str(v) for v in videos], step=step, format=["mp4"] * len(videos))
-        self.last = result
-        return result
+                captions = [f"target {t:g}" for t in targets[: len(videos)]]
+                logger.log_video(
+                    "eval/video",
+                    videos=[str(v) for v in videos],
+                    step=step,
+                    format=["mp4"] * len(videos),
+                    caption=captions,
+                )
+            if hasattr(logger, "log_table"):
+                logger.log_table("eval/episodes", columns=columns, data=rows, step=step)

@@ -50,7 +50,7 @@ class DTModule(L.LightningModule):
             raise DTLabError(
                 f"state_mean/state_std have {len(state_mean)}/{len(state_std)} entries, expected {state_dim}"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run config is the resolved Hydra config (dtlab.train)
         self.config = DTConfig(
             state_dim=state_dim,
             act_dim=act_dim,
@@ -93,7 +93,8 @@ class DTModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("val/action_mse", self._action_mse(batch), prog_bar=True)
+        # under DDP each rank validates its share of the batches: average over ranks
+        self.log("val/action_mse", self._action_mse(batch), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -14,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from dtlab import DTLabError
 from dtlab.data import format_report, minari_env
 from dtlab.rollout import check_env
+from dtlab.tracking import WandbLogger
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger(__name__)
@@ -47,8 +50,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module.episode_returns = datamodule.episode_returns.tolist()
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # The composed config, resolved, is the run's config (W&B starts here, before any training).
+    run_config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    failed = True
+    try:
+        report = datamodule.report
+        for logger in loggers:
+            logger.log_hyperparams(run_config)
+            if hasattr(logger, "log_table"):  # W&B: the dataset report as a table
+                logger.log_table("dataset/report", columns=list(report[0]), data=[list(r.values()) for r in report])
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        failed = False
+    finally:
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                logger.finish(failed)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("run dir: %s (checkpoints in %s)", cfg.paths.output_dir, Path(cfg.paths.output_dir) / "checkpoints")
@@ -59,7 +76,6 @@ def run_cli(task, cfg: DictConfig):  # noqa: ANN001, ANN201 - a thin wrapper aro
     """Run an entry point, turning DTLabError into one line on stderr and exit code 2 (the
     full traceback with HYDRA_FULL_ERROR=1)."""
     import os
-    import sys
 
     try:
         return task(cfg)
@@ -70,10 +86,34 @@ def run_cli(task, cfg: DictConfig):  # noqa: ANN001, ANN201 - a thin wrapper aro
         sys.exit(2)
 
 
+# Overrides that select a Hydra plugin, its module and its package (all in the [sweeps] extra)
+PLUGINS = {
+    "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "hydra/launcher=submitit": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+    "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+}
+
+
+def check_plugins(args: list[str]) -> None:
+    """Name a missing plugin in one line; Hydra's own error is a page about its defaults list."""
+    for arg in args:
+        for override, (module, package) in PLUGINS.items():
+            if arg.startswith(override) and importlib.util.find_spec(module) is None:
+                raise DTLabError(f"{arg} needs {package}: pip install 'dtlab[sweeps]' (or pip install {package})")
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
+    """Returns the metric named by `optimized_metric`, for sweepers (Optuna) to optimise."""
     metrics = run_cli(train, cfg)
-    return metrics.get(cfg.get("optimized_metric", ""), None)
+    return metrics.get(cfg.get("optimized_metric") or "", None)
+
+
+def main() -> None:
+    run_cli(check_plugins, sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":
