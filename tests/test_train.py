@@ -14,9 +14,10 @@ from dtlab.train import CONF_DIR, train
 
 GROUPS = {
     p.name: sorted(str(f.relative_to(p).with_suffix("")) for f in p.rglob("*.yaml"))
-    for p in Path(CONF_DIR).iterdir()
-    if p.is_dir()
+    for p in [*Path(CONF_DIR).iterdir(), Path(CONF_DIR) / "hydra" / "launcher"]
+    if p.is_dir() and p.name != "hydra"
 }
+GROUPS["hydra/launcher"] = GROUPS.pop("launcher")
 OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
 # What an option needs besides itself to be instantiated.
 NEEDS = {
