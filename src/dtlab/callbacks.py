@@ -83,6 +83,10 @@ class EvaluationCallback(L.Callback):
         self.vector_mode, self.video, self.video_frames = vector_mode, video, video_frames
         self.last: dict | None = None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Bad target returns fail now, not at the first evaluation hours into the run.
+        resolve_targets(self.target_return, getattr(trainer.datamodule, "episode_returns", None))
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
         if (self.every_n_steps > 0 and step % self.every_n_steps == 0) or step >= trainer.max_steps:

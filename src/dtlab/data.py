@@ -116,6 +116,11 @@ class Episodes:
         ends = np.repeat(self.starts + self.lengths, self.lengths)
         return cumsum[ends] - cumsum[:-1]
 
+    def locate(self, row: int) -> tuple[int, int]:
+        """(episode, step in it) of flat row `row`."""
+        e = int(np.searchsorted(self.starts, row, side="right") - 1)
+        return e, int(row - self.starts[e])
+
     def select(self, episode_ids: np.ndarray) -> Episodes:
         rows = np.concatenate([np.arange(self.starts[e], self.starts[e] + self.lengths[e]) for e in episode_ids])
         lengths = self.lengths[episode_ids]
@@ -168,16 +173,15 @@ def episodes_from_dataset(ds: datasets.Dataset) -> Episodes:
     if lengths.sum() == 0:
         raise DTLabError("dataset episodes are all empty: check dataset.path")
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    episodes = Episodes(observations, actions, rewards, starts, lengths)
     for name, values in (("observations", observations), ("actions", actions), ("rewards", rewards)):
         bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
         if bad.any():
-            row = int(np.argmax(bad))
-            e = int(np.searchsorted(starts, row, side="right") - 1)
+            e, t = episodes.locate(int(np.argmax(bad)))
             raise DTLabError(
-                f"{name} hold NaN or Inf at episode {e}, step {row - starts[e]}: "
-                "clean or drop that episode before training"
+                f"{name} hold NaN or Inf at episode {e}, step {t}: clean or drop that episode before training"
             )
-    return Episodes(observations, actions, rewards, starts, lengths)
+    return episodes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +284,11 @@ class TrajectoryDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         val_batches: int = 8,
         seed: int = 0,
+        action_low: float = -1.0,
+        action_high: float = 1.0,
     ) -> None:
+        """action_low/action_high: the env's action bounds (the same for every dimension);
+        the data's actions must lie inside them."""
         super().__init__()
         if context_length > max_ep_len:
             raise DTLabError(
@@ -291,7 +299,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.obs_dim, self.act_dim, self.max_ep_len = obs_dim, act_dim, max_ep_len
         self.context_length, self.batch_size = context_length, batch_size
         self.reward_scale, self.val_fraction, self.val_batches = reward_scale, val_fraction, val_batches
-        self.seed = seed
+        self.seed, self.action_low, self.action_high = seed, action_low, action_high
         self.train: Episodes | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -303,6 +311,18 @@ class TrajectoryDataModule(L.LightningDataModule):
             raise DTLabError(
                 f"dataset has observation size {obs_dim} and action size {act_dim}, but the env "
                 f"expects {self.obs_dim} and {self.act_dim}: choose the env the data was recorded in (env=...)"
+            )
+        # The policy's tanh head cannot reach actions outside the bounds; such data was recorded
+        # in other units or for another env. The tolerance forgives float rounding only.
+        outside = (episodes.actions < self.action_low - 1e-4) | (episodes.actions > self.action_high + 1e-4)
+        if outside.any():
+            row = int(np.argmax(outside.any(axis=1)))
+            e, t = episodes.locate(row)
+            value = episodes.actions[row][outside[row]][0]
+            raise DTLabError(
+                f"action {value:g} at episode {e}, step {t} lies outside the env's bounds "
+                f"[{self.action_low:g}, {self.action_high:g}]: rescale or clip the dataset's actions, "
+                "or choose the env the data was recorded in (env=...)"
             )
         self.episode_returns = episodes.returns
         order = np.random.default_rng(self.seed).permutation(episodes.num_episodes)

@@ -46,12 +46,17 @@ def check_env(env: Mapping) -> None:
     except gym.error.Error as e:
         raise DTLabError(f"unknown env id {env['id']!r} ({e}); choose env=halfcheetah, hopper or walker2d") from None
     probe = gym.make(spec)
-    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    obs_dim, actions = probe.observation_space.shape[0], probe.action_space
     probe.close()
-    if (obs_dim, act_dim) != (env["obs_dim"], env["act_dim"]):
+    if (obs_dim, actions.shape[0]) != (env["obs_dim"], env["act_dim"]):
         raise DTLabError(
-            f"{env['id']} has observation size {obs_dim} and action size {act_dim}, but the env config "
+            f"{env['id']} has observation size {obs_dim} and action size {actions.shape[0]}, but the env config "
             f"says {env['obs_dim']} and {env['act_dim']}: fix env.obs_dim / env.act_dim"
+        )
+    if not ((actions.low == env["action_low"]).all() and (actions.high == env["action_high"]).all()):
+        raise DTLabError(
+            f"{env['id']} has action bounds {actions.low.tolist()} to {actions.high.tolist()}, but the env config "
+            f"says {env['action_low']} to {env['action_high']}: fix env.action_low / env.action_high"
         )
 
 
