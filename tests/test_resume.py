@@ -14,6 +14,7 @@ import torch
 from conftest import compose_cfg
 
 from dtlab import DTLabError
+from dtlab.checkpoint import AtomicCheckpointIO
 from dtlab.train import train
 
 N = 10  # checkpoint interval, and half of a run
@@ -73,6 +74,24 @@ def test_same_config_twice_gives_identical_losses_and_returns(straight_run, tmp_
     returns = [c for c in a.columns if c.endswith("/return_mean")]
     assert returns
     pd.testing.assert_frame_equal(a[["train/loss", *returns]], b[["train/loss", *returns]])
+
+
+class FailsHalfway:
+    """Pickling it raises: a save that dies after part of the file is written."""
+
+    def __reduce__(self):
+        raise OSError("disk full")
+
+
+def test_a_save_that_dies_halfway_leaves_the_previous_checkpoint_whole(tmp_path):
+    path, io = tmp_path / "last.ckpt", AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "weights": torch.ones(1000)}, path)
+    before = path.read_bytes()
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2, "weights": torch.zeros(100_000), "tail": FailsHalfway()}, path)
+    assert path.read_bytes() == before
+    assert io.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def digest(path: Path) -> str:
