@@ -30,9 +30,10 @@ def episodes(obs_dim: int = 17, act_dim: int = 6, n: int = 2) -> dict[str, list]
     }
 
 
-def with_value(column: str, episode: int, step: int, value: float) -> dict[str, list]:
+def with_value(column: str, episode: int, index: int | tuple[int, int], value: float) -> dict[str, list]:
+    """Episodes with `value` at `index` (a step, or a step and a dimension) of one episode."""
     data = episodes()
-    data[column][episode][step] = value
+    data[column][episode][index] = value
     return data
 
 
@@ -40,7 +41,7 @@ BAD_DATA = {
     "missing_column": {k: v for k, v in episodes().items() if k != "actions"},
     "ragged_episode": episodes() | {"actions": [a[:-1] for a in episodes()["actions"]]},
     "action_size": episodes(act_dim=3),
-    "action_out_of_bounds": with_value("actions", 1, 7, 3.0),
+    "action_out_of_bounds": with_value("actions", 1, (7, 2), -3.0),
     "nan_observation": with_value("observations", 0, 4, np.nan),
     "inf_action": with_value("actions", 1, 2, np.inf),
     "nan_reward": with_value("rewards", 0, T - 1, np.nan),
@@ -91,7 +92,7 @@ CASES = {
         "train",
         data("action_out_of_bounds"),
         2,
-        "action 3 at episode 1, step 7 lies outside the env's bounds [-1, 1]: rescale or clip",
+        "action -3 at episode 1, step 7, dimension 2 lies outside the env's bounds [-1, 1]: rescale or clip",
     ),
     "nan_observation": ("train", data("nan_observation"), 2, "observations hold NaN or Inf at episode 0, step 4"),
     "inf_action": ("train", data("inf_action"), 2, "actions hold NaN or Inf at episode 1, step 2: clean"),

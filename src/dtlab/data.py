@@ -284,11 +284,10 @@ class TrajectoryDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         val_batches: int = 8,
         seed: int = 0,
-        action_low: float = -1.0,
-        action_high: float = 1.0,
+        action_bounds: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """action_low/action_high: the env's action bounds (the same for every dimension);
-        the data's actions must lie inside them."""
+        """action_bounds: the env's (low, high), each (act_dim,); the data's actions must lie
+        inside them (dtlab.train passes the env's, from `check_env`)."""
         super().__init__()
         if context_length > max_ep_len:
             raise DTLabError(
@@ -299,7 +298,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.obs_dim, self.act_dim, self.max_ep_len = obs_dim, act_dim, max_ep_len
         self.context_length, self.batch_size = context_length, batch_size
         self.reward_scale, self.val_fraction, self.val_batches = reward_scale, val_fraction, val_batches
-        self.seed, self.action_low, self.action_high = seed, action_low, action_high
+        self.seed, self.action_bounds = seed, action_bounds
         self.train: Episodes | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -312,18 +311,20 @@ class TrajectoryDataModule(L.LightningDataModule):
                 f"dataset has observation size {obs_dim} and action size {act_dim}, but the env "
                 f"expects {self.obs_dim} and {self.act_dim}: choose the env the data was recorded in (env=...)"
             )
-        # The policy's tanh head cannot reach actions outside the bounds; such data was recorded
-        # in other units or for another env. The tolerance forgives float rounding only.
-        outside = (episodes.actions < self.action_low - 1e-4) | (episodes.actions > self.action_high + 1e-4)
-        if outside.any():
-            row = int(np.argmax(outside.any(axis=1)))
-            e, t = episodes.locate(row)
-            value = episodes.actions[row][outside[row]][0]
-            raise DTLabError(
-                f"action {value:g} at episode {e}, step {t} lies outside the env's bounds "
-                f"[{self.action_low:g}, {self.action_high:g}]: rescale or clip the dataset's actions, "
-                "or choose the env the data was recorded in (env=...)"
-            )
+        if self.action_bounds is not None:
+            # The policy's tanh head cannot reach actions outside the bounds: such data was
+            # recorded in other units or in another env. The tolerance forgives rounding only.
+            low, high = self.action_bounds
+            outside = (episodes.actions < low - 1e-4) | (episodes.actions > high + 1e-4)  # (N, act_dim)
+            if outside.any():
+                row = int(np.argmax(outside.any(axis=1)))
+                dim = int(np.argmax(outside[row]))
+                e, t = episodes.locate(row)
+                raise DTLabError(
+                    f"action {episodes.actions[row, dim]:g} at episode {e}, step {t}, dimension {dim} lies "
+                    f"outside the env's bounds [{low[dim]:g}, {high[dim]:g}]: rescale or clip the dataset's "
+                    "actions, or choose the env the data was recorded in (env=...)"
+                )
         self.episode_returns = episodes.returns
         order = np.random.default_rng(self.seed).permutation(episodes.num_episodes)
         E = episodes.num_episodes

@@ -31,10 +31,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    check_env(cfg.env)
+    action_bounds = check_env(cfg.env)
 
     # Load and check the data first: a bad dataset fails in seconds, before any model exists.
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, action_bounds=action_bounds)
     datamodule.setup("fit")
     module = instantiate(
         cfg.model,
