@@ -47,14 +47,15 @@ def check_env(env: Mapping) -> tuple[np.ndarray, np.ndarray]:
     except gym.error.Error as e:
         raise DTLabError(f"unknown env id {env['id']!r} ({e}); choose env=halfcheetah, hopper or walker2d") from None
     probe = gym.make(spec)
-    obs_dim, actions = probe.observation_space.shape[0], probe.action_space
+    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    bounds = probe.action_space.low, probe.action_space.high
     probe.close()
-    if (obs_dim, actions.shape[0]) != (env["obs_dim"], env["act_dim"]):
+    if (obs_dim, act_dim) != (env["obs_dim"], env["act_dim"]):
         raise DTLabError(
-            f"{env['id']} has observation size {obs_dim} and action size {actions.shape[0]}, but the env config "
+            f"{env['id']} has observation size {obs_dim} and action size {act_dim}, but the env config "
             f"says {env['obs_dim']} and {env['act_dim']}: fix env.obs_dim / env.act_dim"
         )
-    return actions.low, actions.high
+    return bounds
 
 
 def normalized_score(returns: np.ndarray | float, env: Mapping) -> np.ndarray | float:
