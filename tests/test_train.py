@@ -67,7 +67,7 @@ def test_tiny_fit_through_compose_api(make_cfg, tmp_path):
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     module = DTModule.load_from_checkpoint(ckpt)
     assert module.hparams.env_id == "HalfCheetah-v5" and module.hparams.context_length == 5
-    history = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    history = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert history["train/loss"].notna().sum() >= 5 and history["val/action_mse"].notna().sum() >= 3
     # act() on a real observation, from the checkpoint alone
     env = gym.make("HalfCheetah-v5")

@@ -86,6 +86,10 @@ class EvaluationCallback(L.Callback):
         self.last: dict | None = None  # the latest rollout result (on rank 0)
         self.best = float("-inf")  # best eval/normalized_score so far, kept in checkpoints for resuming
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Bad target returns fail now, not at the first evaluation hours into the run.
+        resolve_targets(self.target_return, getattr(trainer.datamodule, "episode_returns", None))
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
         if (self.every_n_steps > 0 and step % self.every_n_steps == 0) or step >= trainer.max_steps:

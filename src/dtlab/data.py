@@ -281,6 +281,11 @@ class Episodes:
         ends = np.repeat(self.starts + self.lengths, self.lengths)
         return cumsum[ends] - cumsum[:-1]
 
+    def locate(self, row: int) -> tuple[int, int]:
+        """(episode, step in it) of flat row `row`."""
+        e = int(np.searchsorted(self.starts, row, side="right") - 1)
+        return e, int(row - self.starts[e])
+
     def select(self, episode_ids: np.ndarray) -> Episodes:
         lengths = self.lengths[episode_ids]
         starts = (np.cumsum(lengths) - lengths).astype(np.int64)
@@ -341,21 +346,20 @@ def episodes_from_dataset(ds: datasets.Dataset) -> Episodes:
     if lengths.sum() == 0:
         raise DTLabError("dataset episodes are all empty: check dataset.path")
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    for name, values in (("observations", observations), ("actions", actions), ("rewards", rewards)):
-        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-        if bad.any():
-            row = int(np.argmax(bad))
-            e = int(np.searchsorted(starts, row, side="right") - 1)
-            raise DTLabError(
-                f"{name} hold NaN or Inf at episode {e}, step {row - starts[e]}: "
-                "clean or drop that episode before training"
-            )
     E = len(lengths)
     weights = (
         np.asarray(ds["sampling_weight"], dtype=np.float64) if "sampling_weight" in ds.column_names else np.ones(E)
     )
     sources = np.asarray(ds["source"] if "source" in ds.column_names else ["dataset"] * E)
-    return Episodes(observations, actions, rewards, starts, lengths, weights, sources)
+    episodes = Episodes(observations, actions, rewards, starts, lengths, weights, sources)
+    for name, values in (("observations", observations), ("actions", actions), ("rewards", rewards)):
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if bad.any():
+            e, t = episodes.locate(int(np.argmax(bad)))
+            raise DTLabError(
+                f"{name} hold NaN or Inf at episode {e}, step {t}: clean or drop that episode before training"
+            )
+    return episodes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,9 +464,11 @@ class TrajectoryDataModule(L.LightningDataModule):
         val_batches: int = 8,
         seed: int = 0,
         ref_scores: Sequence[float] | None = None,
+        action_bounds: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """ref_scores: the env's (random, expert) reference returns, for the dataset report's
-        normalized mean."""
+        normalized mean. action_bounds: the env's (low, high), each (act_dim,); the data's
+        actions must lie inside them (dtlab.train passes the env's, from `check_env`)."""
         super().__init__()
         if context_length > max_ep_len:
             raise DTLabError(
@@ -473,7 +479,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.obs_dim, self.act_dim, self.max_ep_len = obs_dim, act_dim, max_ep_len
         self.context_length, self.batch_size = context_length, batch_size
         self.reward_scale, self.val_fraction, self.val_batches = reward_scale, val_fraction, val_batches
-        self.seed, self.ref_scores = seed, ref_scores
+        self.seed, self.ref_scores, self.action_bounds = seed, ref_scores, action_bounds
         self.train: Episodes | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -486,6 +492,20 @@ class TrajectoryDataModule(L.LightningDataModule):
                 f"dataset has observation size {obs_dim} and action size {act_dim}, but the env "
                 f"expects {self.obs_dim} and {self.act_dim}: choose the env the data was recorded in (env=...)"
             )
+        if self.action_bounds is not None:
+            # The policy's tanh head cannot reach actions outside the bounds: such data was
+            # recorded in other units or in another env. The tolerance forgives rounding only.
+            low, high = self.action_bounds
+            outside = (episodes.actions < low - 1e-4) | (episodes.actions > high + 1e-4)  # (N, act_dim)
+            if outside.any():
+                row = int(np.argmax(outside.any(axis=1)))
+                dim = int(np.argmax(outside[row]))
+                e, t = episodes.locate(row)
+                raise DTLabError(
+                    f"action {episodes.actions[row, dim]:g} at episode {e}, step {t}, dimension {dim} lies "
+                    f"outside the env's bounds [{low[dim]:g}, {high[dim]:g}]: rescale or clip the dataset's "
+                    "actions, or choose the env the data was recorded in (env=...)"
+                )
         self.episode_returns = episodes.returns
         self.report = dataset_report(episodes, self.ref_scores)
         order = np.random.default_rng(self.seed).permutation(episodes.num_episodes)

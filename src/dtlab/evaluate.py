@@ -20,25 +20,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dtlab import DTLabError
 from dtlab.callbacks import plot_return_conditioning, write_video
+from dtlab.checkpoint import load_checkpoint
 from dtlab.hf import from_transformers
-from dtlab.module import DTModule
 from dtlab.rollout import Policy, check_env, resolve_targets, rollout
 from dtlab.train import CONF_DIR, run_cli
 
 log = logging.getLogger(__name__)
-
-
-def load_checkpoint(path: str) -> DTModule:
-    if not Path(path).is_file():
-        raise DTLabError(f"checkpoint {path!r} does not exist: give ckpt_path=PATH to a .ckpt written by dtlab.train")
-    try:
-        return DTModule.load_from_checkpoint(path, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - whatever torch or Lightning raise, the file is unusable
-        reason = str(e).splitlines()[0][:200] if str(e) else ""
-        raise DTLabError(
-            f"checkpoint {path!r} cannot be loaded ({type(e).__name__}: {reason}): "
-            "is it a complete checkpoint written by dtlab.train?"
-        ) from None
 
 
 def load_policy(cfg: DictConfig) -> tuple[Policy, str | None, dict | None, list[float] | None]:

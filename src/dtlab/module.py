@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dtlab import DTLabError
+from dtlab.data import batch_seed
 from dtlab.model import DecisionTransformer, DTConfig
 
 
@@ -38,11 +39,13 @@ class DTModule(L.LightningModule):
         warmup_steps: int = 10_000,
         lr_schedule: str = "constant",
         compile: bool = False,
+        seed: int = 0,
     ) -> None:
         """Dims, env and normalization come from the env config and the data; the rest are the
         DT paper's hyperparameters (Chen et al. 2021, Table 8), its defaults.
         lr_schedule: "constant" (linear warmup, then constant, as the paper) or "cosine"
-        (linear warmup, then cosine decay to 0 at trainer.max_steps)."""
+        (linear warmup, then cosine decay to 0 at trainer.max_steps).
+        seed: the run's seed; the dropout masks of a training step are drawn from it."""
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
             raise DTLabError(f"model.lr_schedule={lr_schedule!r} is unknown: use constant or cosine")
@@ -86,8 +89,20 @@ class DTModule(L.LightningModule):
         err = ((pred - batch["actions"]) ** 2).mean(dim=-1)  # (B, K)
         return (err * mask).sum() / mask.sum()
 
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Dropout draws from the global torch generator. Seeding it from (seed, rank, step), as
+        # the batch sampler seeds its batches, makes step t the same whether or not the run was
+        # stopped and resumed before it: no generator state has to travel in the checkpoint.
+        torch.manual_seed(batch_seed(self.hparams.seed, self.global_rank, self.global_step))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._action_mse(batch)
+        # Stop before a non-finite loss reaches the weights: they, and every checkpoint, stay good.
+        if not torch.isfinite(loss):
+            raise DTLabError(
+                f"train/loss is {loss.item()} at step {self.global_step}: training stopped and the "
+                "checkpoints keep the last good weights; lower model.learning_rate or check the data"
+            )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss

@@ -55,20 +55,23 @@ class Policy:
         return cls(module.model, module.state_mean, module.state_std, module.reward_scale)
 
 
-def check_env(env: Mapping) -> None:
-    """Fail early if the env id is unknown or its spaces differ from the env config."""
+def check_env(env: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """Fail early if the env id is unknown or its spaces differ from the env config. Returns the
+    bounds of its actions, (low, high), each (act_dim,)."""
     try:
         spec = gym.spec(env["id"])
     except gym.error.Error as e:
         raise DTLabError(f"unknown env id {env['id']!r} ({e}); choose env=halfcheetah, hopper or walker2d") from None
     probe = gym.make(spec)
     obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    bounds = probe.action_space.low, probe.action_space.high
     probe.close()
     if (obs_dim, act_dim) != (env["obs_dim"], env["act_dim"]):
         raise DTLabError(
             f"{env['id']} has observation size {obs_dim} and action size {act_dim}, but the env config "
             f"says {env['obs_dim']} and {env['act_dim']}: fix env.obs_dim / env.act_dim"
         )
+    return bounds
 
 
 def normalized_score(returns: np.ndarray | float, env: Mapping) -> np.ndarray | float:

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from dtlab import DTLabError
+from dtlab.checkpoint import resume_path
 from dtlab.data import format_report, minari_env
 from dtlab.rollout import check_env
 from dtlab.tracking import WandbLogger
@@ -29,10 +36,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    check_env(cfg.env)
+    action_bounds = check_env(cfg.env)
 
     # Load and check the data first: a bad dataset fails in seconds, before any model exists.
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, action_bounds=action_bounds)
     datamodule.setup("fit")
     log.info("dataset:\n%s", format_report(datamodule.report))
     module = instantiate(
@@ -45,11 +52,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         state_mean=datamodule.state_mean.tolist(),
         state_std=datamodule.state_std.tolist(),
         reward_scale=datamodule.reward_scale,
+        seed=cfg.seed,
     )
     module.env_config = OmegaConf.to_container(cfg.env, resolve=True)
     module.episode_returns = datamodule.episode_returns.tolist()
+    ckpt_path = resume_path(cfg.ckpt_path, cfg.paths.output_dir, module)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Lightning cannot see that our batch stream resumes exactly: it starts at the restored
+    # trainer.global_step (data.py), so a checkpoint from mid-epoch is as good as any.
+    warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
     # The composed config, resolved, is the run's config (W&B starts here, before any training).
     run_config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     failed = True
@@ -59,9 +72,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
             logger.log_hyperparams(run_config)
             if hasattr(logger, "log_table"):  # W&B: the dataset report as a table
                 logger.log_table("dataset/report", columns=list(report[0]), data=[list(r.values()) for r in report])
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         failed = False
+    except SIGTERMException:
+        # Preemption: the checkpoint callback has saved last.ckpt. 143 = 128 + SIGTERM, the
+        # status of a process ended by SIGTERM, so that `train && evaluate` does not go on.
+        log.warning(
+            "stopped by SIGTERM after step %d, saved in %s; continue with: python -m dtlab.train "
+            "[same overrides] hydra.run.dir=%s ckpt_path=last",
+            trainer.global_step,
+            Path(cfg.paths.output_dir) / "checkpoints",
+            cfg.paths.output_dir,
+        )
+        sys.exit(143)
     finally:
         for logger in loggers:
             if isinstance(logger, WandbLogger):
@@ -75,14 +98,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def run_cli(task, cfg: DictConfig):  # noqa: ANN001, ANN201 - a thin wrapper around any entry point
     """Run an entry point, turning DTLabError into one line on stderr and exit code 2 (the
     full traceback with HYDRA_FULL_ERROR=1)."""
-    import os
-
     try:
         return task(cfg)
-    except DTLabError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except (DTLabError, InstantiationException) as e:
+        # instantiate() wraps what a constructor raises (e.g. TrajectoryDataModule's K check)
+        error = e if isinstance(e, DTLabError) else e.__cause__
+        if not isinstance(error, DTLabError) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"dtlab: error: {e}", file=sys.stderr)
+        print(f"dtlab: error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -102,6 +125,28 @@ def check_plugins(args: list[str]) -> None:
         for override, (module, package) in PLUGINS.items():
             if arg.startswith(override) and importlib.util.find_spec(module) is None:
                 raise DTLabError(f"{arg} needs {package}: pip install 'dtlab[sweeps]' (or pip install {package})")
+def check_writable(dir_key: str, cfg: DictConfig) -> None:
+    """Create the output dir `cfg.<dir_key>` and write a file into it, or raise DTLabError."""
+    path = OmegaConf.select(cfg, dir_key)
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise DTLabError(
+            f"output dir {path!r} cannot be written ({e.strerror}): choose another with {dir_key}=DIR"
+        ) from None
+
+
+class CheckOutputDir(Callback):
+    """A Hydra callback (conf: hydra.callbacks): Hydra creates the run dir before our code
+    runs, and its own error when it cannot is a traceback; this says it in one line first."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        run_cli(lambda cfg: check_writable("hydra.run.dir", cfg), config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        run_cli(lambda cfg: check_writable("hydra.sweep.dir", cfg), config)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -1,0 +1,115 @@
+"""Checkpoints: written so that no crash can truncate them, saved on preemption, and read back
+(with one-line errors) for resuming and evaluation.
+
+A run's checkpoints live in `<run dir>/checkpoints/`: `last.ckpt` (every
+`callbacks.checkpoint.every_n_train_steps` steps, at the end, and on SIGTERM) and `best.ckpt`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from dtlab import DTLabError
+from dtlab.module import DTModule
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside its target, syncs it to disk, then
+    renames it over the target, so a crash or kill mid-save leaves the previous file whole.
+    (Lightning's own writer stages the file in the system temp dir; when that is another
+    filesystem than the run dir, as on most clusters, the final move is a copy, not a rename.)
+    Local paths only."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+class Checkpoint(ModelCheckpoint):
+    """ModelCheckpoint that also writes `last.ckpt` when the run is stopped by SIGTERM (cluster
+    preemption) and whenever training ends on a step it has not saved yet.
+
+    Lightning's answer to SIGTERM is to finish the current step and raise SIGTERMException,
+    saving nothing. It raises it after every callback of the step has run, so the state saved
+    here is as consistent as a periodic checkpoint. Other exceptions save nothing: a step that
+    failed halfway (a non-finite loss, a bug) must not replace the last good checkpoint."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save_last(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # ModelCheckpoint saves last.ckpt at the end only if it never saved before: a run of 25
+        # steps with a checkpoint every 10 would end with the one from step 20.
+        self._save_last(trainer)
+
+    def _save_last(self, trainer: L.Trainer) -> None:
+        if self._last_global_step_saved != trainer.global_step:  # not saved at this step yet
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def load_checkpoint(path: str | Path) -> DTModule:
+    """The DTModule in a checkpoint written by dtlab.train; DTLabError if it is missing or unreadable."""
+    if not Path(path).is_file():
+        raise DTLabError(
+            f"checkpoint {str(path)!r} does not exist: give ckpt_path=PATH to a .ckpt written by dtlab.train"
+        )
+    try:
+        return DTModule.load_from_checkpoint(path, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - whatever torch or Lightning raise, the file is unusable
+        reason = str(e).splitlines()[0][:200] if str(e) else ""
+        raise DTLabError(
+            f"checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}: {reason}): "
+            "is it a complete checkpoint written by dtlab.train?"
+        ) from None
+
+
+def resume_path(ckpt_path: str | None, output_dir: str | Path, module: DTModule) -> str | None:
+    """The checkpoint to resume from, checked before any training step: it exists, loads, and
+    was trained with the same hyperparameters as `module` (the fresh module of this config),
+    since Lightning would restore its weights and optimizer over any changed setting.
+
+    `ckpt_path=last` is `last.ckpt` of this run's own dir: resume a run by pointing Hydra at
+    its dir, `hydra.run.dir=OLD_RUN_DIR ckpt_path=last`, and the run goes on writing there."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise DTLabError(
+                f"ckpt_path=last looks for {last}, which does not exist: resume a run with "
+                "hydra.run.dir=OLD_RUN_DIR ckpt_path=last, or give ckpt_path=PATH"
+            )
+        ckpt_path = str(last)
+    saved = load_checkpoint(ckpt_path).hparams
+    changed = [
+        f"{key}={saved.get(key)!r} there, {value!r} here"
+        if isinstance(value, str | int | float | bool) or value is None
+        else f"{key} differs"
+        for key, value in module.hparams.items()
+        if saved.get(key) != value
+    ]
+    if changed:
+        raise DTLabError(
+            f"checkpoint {ckpt_path!r} was trained with other settings ({'; '.join(changed)}): "
+            "resume with the config it was trained with, or start a new run without ckpt_path"
+        )
+    return ckpt_path
