@@ -18,7 +18,13 @@ from dtlab.checkpoint import AtomicCheckpointIO
 from dtlab.train import train
 
 N = 10  # checkpoint interval, and half of a run
-RUN = ["debug=smoke", "threads=1", f"callbacks.checkpoint.every_n_train_steps={N}", "trainer.log_every_n_steps=1"]
+RUN = [
+    "debug=smoke",
+    "logger=csv",
+    "threads=1",
+    f"callbacks.checkpoint.every_n_train_steps={N}",
+    "trainer.log_every_n_steps=1",
+]
 
 
 def fit(out: Path, *overrides: str) -> Path:

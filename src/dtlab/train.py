@@ -125,6 +125,8 @@ def check_plugins(args: list[str]) -> None:
         for override, (module, package) in PLUGINS.items():
             if arg.startswith(override) and importlib.util.find_spec(module) is None:
                 raise DTLabError(f"{arg} needs {package}: pip install 'dtlab[sweeps]' (or pip install {package})")
+
+
 def check_writable(dir_key: str, cfg: DictConfig) -> None:
     """Create the output dir `cfg.<dir_key>` and write a file into it, or raise DTLabError."""
     path = OmegaConf.select(cfg, dir_key)
