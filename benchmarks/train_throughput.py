@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dtlab.data import TrajectoryDataModule, load_local
+from dtlab.data import load_episodes, load_local
+from dtlab.datamodule import TrajectoryDataModule
 from dtlab.module import DTModule
 
 BATCH, K, OBS, ACT, MAX_EP_LEN, SCALE = 64, 20, 17, 6, 1000, 0.001
@@ -121,7 +122,9 @@ class _StepTimer(L.Callback):
 def dtlab_run(path: str, steps: int, warmup: int, seed: int) -> dict:
     """Samples/s of (b), the time to draw its batches alone, and its FLOPs per step."""
     L.seed_everything(seed, verbose=False)
-    dm = TrajectoryDataModule(partial(load_local, path), OBS, ACT, MAX_EP_LEN, K, BATCH, SCALE, val_fraction=0.0)
+    dm = TrajectoryDataModule(
+        load_episodes(partial(load_local, path), OBS, ACT), MAX_EP_LEN, K, BATCH, SCALE, val_fraction=0.0
+    )
     dm.setup()
     module = DTModule("HalfCheetah-v5", OBS, ACT, MAX_EP_LEN, dm.state_mean.tolist(), dm.state_std.tolist(), SCALE)
     timer = _StepTimer(warmup)

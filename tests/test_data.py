@@ -4,7 +4,8 @@ import torch
 from datasets import Dataset
 
 from dtlab import DTLabError
-from dtlab.data import SAMPLE_PATH, TrajectoryDataModule, WindowSampler, episodes_from_dataset, load_local
+from dtlab.data import SAMPLE_PATH, WindowSampler, episodes_from_dataset, load_episodes, load_local
+from dtlab.datamodule import TrajectoryDataModule
 
 OBS, ACT = 3, 2
 
@@ -79,7 +80,7 @@ def test_episodes_are_drawn_in_proportion_to_their_length():
 def test_module_splits_whole_episodes_and_normalizes_with_train_stats():
     ds = make_dataset([20] * 10)
     dm = TrajectoryDataModule(
-        lambda: ds, obs_dim=OBS, act_dim=ACT, max_ep_len=100, context_length=4, batch_size=8, val_fraction=0.2
+        load_episodes(lambda: ds, OBS, ACT), max_ep_len=100, context_length=4, batch_size=8, val_fraction=0.2
     )
     dm.setup()
     assert dm.train.num_episodes == 8 and dm.val.num_episodes == 2
@@ -121,9 +122,8 @@ def test_bad_episodes_fail_with_a_clear_message(dataset, message):
 
 
 def test_wrong_dims_name_both_sizes():
-    dm = TrajectoryDataModule(lambda: make_dataset([5], obs=4), obs_dim=17, act_dim=ACT, max_ep_len=100)
     with pytest.raises(DTLabError, match="observation size 4 .* expects 17"):
-        dm.setup()
+        load_episodes(lambda: make_dataset([5], obs=4), obs_dim=17, act_dim=ACT)
 
 
 def test_missing_path_is_one_clear_error(tmp_path):

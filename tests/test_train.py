@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from hydra.utils import instantiate
 
+from dtlab.data import episodes_from_dataset, episodes_to_dataset
 from dtlab.module import DTModule
 from dtlab.train import CONF_DIR, train
 
@@ -19,6 +20,10 @@ GROUPS = {
 }
 GROUPS["hydra/launcher"] = GROUPS.pop("launcher")
 OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
+# Two 30-step HalfCheetah-sized episodes, for the data module of every config
+TWO_EPISODES = episodes_from_dataset(
+    episodes_to_dataset(np.zeros((60, 17)), np.zeros((60, 6)), np.ones(60), np.zeros(60, bool), np.array([30, 30]))
+)
 # What an option needs besides itself to be instantiated.
 NEEDS = {
     ("dataset", "local"): ["dataset.path=whatever.parquet"],
@@ -49,7 +54,8 @@ def test_every_config_composes_and_instantiates(make_cfg, group, option):
     cfg = make_cfg(f"{group}={option}", *NEEDS.get((group, option), []))
     if (group, option) == ("env", "from_dataset"):
         return  # resolving it reads a Minari dataset: instantiated in tests/test_sources.py
-    instantiate(cfg.data)  # loading happens in setup(), not here
+    instantiate(cfg.dataset)  # a loader: loading happens in dtlab.train
+    instantiate(cfg.data, _partial_=True)(episodes=TWO_EPISODES)
     dims = {"env_id": "x", "state_dim": 17, "act_dim": 6, "max_ep_len": 1000, "reward_scale": 0.001}
     instantiate(cfg.model, state_mean=[0.0] * 17, state_std=[1.0] * 17, **dims)
     for c in (cfg.callbacks or {}).values():

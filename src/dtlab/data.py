@@ -12,18 +12,16 @@ from __future__ import annotations
 import functools
 import glob
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import lightning as L
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 
 from dtlab import DTLabError
 
@@ -33,7 +31,6 @@ HUB_REPO = "edbeeching/decision_transformer_gym_replay"
 # conversion of it does.
 HUB_REVISION = "refs/convert/parquet"
 COLUMNS = ("observations", "actions", "rewards")
-VAL_STREAM = 2**31 - 1  # the "rank" whose batch stream is the validation set
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +359,39 @@ def episodes_from_dataset(ds: datasets.Dataset) -> Episodes:
     return episodes
 
 
+def load_episodes(
+    load: Callable[[], datasets.Dataset],
+    obs_dim: int,
+    act_dim: int,
+    action_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Episodes:
+    """Load episodes with `load` (a `load_*` function of this module, chosen by the `dataset`
+    config group) and check them against the env: observation and action sizes, and actions
+    inside the env's bounds (low, high), each (act_dim,). Raises DTLabError naming the fix."""
+    episodes = episodes_from_dataset(load())
+    dims = episodes.observations.shape[1], episodes.actions.shape[1]
+    if dims != (obs_dim, act_dim):
+        raise DTLabError(
+            f"dataset has observation size {dims[0]} and action size {dims[1]}, but the env "
+            f"expects {obs_dim} and {act_dim}: choose the env the data was recorded in (env=...)"
+        )
+    if action_bounds is not None:
+        # The policy's tanh head cannot reach actions outside the bounds: such data was
+        # recorded in other units or in another env. The tolerance forgives rounding only.
+        low, high = action_bounds
+        outside = (episodes.actions < low - 1e-4) | (episodes.actions > high + 1e-4)  # (N, act_dim)
+        if outside.any():
+            row = int(np.argmax(outside.any(axis=1)))
+            dim = int(np.argmax(outside[row]))
+            e, t = episodes.locate(row)
+            raise DTLabError(
+                f"action {episodes.actions[row, dim]:g} at episode {e}, step {t}, dimension {dim} lies "
+                f"outside the env's bounds [{low[dim]:g}, {high[dim]:g}]: rescale or clip the dataset's "
+                "actions, or choose the env the data was recorded in (env=...)"
+            )
+    return episodes
+
+
 # ---------------------------------------------------------------------------------------------
 # Window sampling.
 
@@ -422,126 +452,6 @@ def batch_seed(seed: int, rank: int, step: int) -> int:
     """Batch `step` of process `rank` depends only on these three numbers, so a resumed run
     draws exactly the batches the uninterrupted run would have."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-class _Batches(IterableDataset):
-    """An endless stream of sampled batches, one per training step from `start_step` on."""
-
-    def __init__(
-        self, sampler: WindowSampler, batch_size: int, seed: int, rank: int, start_step: int, total_steps: int
-    ) -> None:
-        self.sampler, self.batch_size = sampler, batch_size
-        self.seed, self.rank, self.start_step, self.total_steps = seed, rank, start_step, total_steps
-
-    def __len__(self) -> int:
-        return self.total_steps  # for the progress bar; iteration stops at trainer.max_steps
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        step = self.start_step
-        while True:
-            generator = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, step))
-            yield self.sampler.sample(self.batch_size, generator)
-            step += 1
-
-
-class TrajectoryDataModule(L.LightningDataModule):
-    """Serves training windows and a held-out validation set of whole episodes.
-
-    `load` returns the episodes as an HF Dataset (a `load_*` function of this module, chosen
-    by the `dataset` config group). After `setup()`: `state_mean`, `state_std`, `train` and
-    `val` (Episodes), `episode_returns` (all episodes) and `report` are available."""
-
-    def __init__(
-        self,
-        load: Callable[[], datasets.Dataset],
-        obs_dim: int,
-        act_dim: int,
-        max_ep_len: int,
-        context_length: int = 20,
-        batch_size: int = 64,
-        reward_scale: float = 0.001,
-        val_fraction: float = 0.1,
-        val_batches: int = 8,
-        seed: int = 0,
-        ref_scores: Sequence[float] | None = None,
-        action_bounds: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> None:
-        """ref_scores: the env's (random, expert) reference returns, for the dataset report's
-        normalized mean. action_bounds: the env's (low, high), each (act_dim,); the data's
-        actions must lie inside them (dtlab.train passes the env's, from `check_env`)."""
-        super().__init__()
-        if context_length > max_ep_len:
-            raise DTLabError(
-                f"context length K={context_length} exceeds the env's max episode length "
-                f"{max_ep_len}: set model.context_length <= {max_ep_len}"
-            )
-        self.load = load
-        self.obs_dim, self.act_dim, self.max_ep_len = obs_dim, act_dim, max_ep_len
-        self.context_length, self.batch_size = context_length, batch_size
-        self.reward_scale, self.val_fraction, self.val_batches = reward_scale, val_fraction, val_batches
-        self.seed, self.ref_scores, self.action_bounds = seed, ref_scores, action_bounds
-        self.train: Episodes | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train is not None:
-            return
-        episodes = episodes_from_dataset(self.load())
-        obs_dim, act_dim = episodes.observations.shape[1], episodes.actions.shape[1]
-        if (obs_dim, act_dim) != (self.obs_dim, self.act_dim):
-            raise DTLabError(
-                f"dataset has observation size {obs_dim} and action size {act_dim}, but the env "
-                f"expects {self.obs_dim} and {self.act_dim}: choose the env the data was recorded in (env=...)"
-            )
-        if self.action_bounds is not None:
-            # The policy's tanh head cannot reach actions outside the bounds: such data was
-            # recorded in other units or in another env. The tolerance forgives rounding only.
-            low, high = self.action_bounds
-            outside = (episodes.actions < low - 1e-4) | (episodes.actions > high + 1e-4)  # (N, act_dim)
-            if outside.any():
-                row = int(np.argmax(outside.any(axis=1)))
-                dim = int(np.argmax(outside[row]))
-                e, t = episodes.locate(row)
-                raise DTLabError(
-                    f"action {episodes.actions[row, dim]:g} at episode {e}, step {t}, dimension {dim} lies "
-                    f"outside the env's bounds [{low[dim]:g}, {high[dim]:g}]: rescale or clip the dataset's "
-                    "actions, or choose the env the data was recorded in (env=...)"
-                )
-        self.episode_returns = episodes.returns
-        self.report = dataset_report(episodes, self.ref_scores)
-        order = np.random.default_rng(self.seed).permutation(episodes.num_episodes)
-        E = episodes.num_episodes
-        n_val = min(max(round(self.val_fraction * E), 1), E - 1) if self.val_fraction > 0 and E > 1 else 0
-        self.val, self.train = episodes.select(np.sort(order[:n_val])), episodes.select(np.sort(order[n_val:]))
-        self.state_mean = self.train.observations.mean(axis=0)
-        # +1e-6 as in the DT reference code: constant dimensions must not divide by zero
-        self.state_std = self.train.observations.std(axis=0) + 1e-6
-        self._train_sampler = self._sampler(self.train)
-
-    def _sampler(self, episodes: Episodes) -> WindowSampler:
-        return WindowSampler(
-            episodes, self.context_length, self.reward_scale, self.state_mean, self.state_std, self.max_ep_len
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        batches = _Batches(
-            self._train_sampler,
-            self.batch_size,
-            self.seed,
-            rank=trainer.global_rank if trainer else 0,
-            start_step=trainer.global_step if trainer else 0,
-            total_steps=max(trainer.max_steps, 1) if trainer else 1,
-        )
-        return DataLoader(batches, batch_size=None)
-
-    def val_dataloader(self) -> DataLoader:
-        """The same fixed windows of the held-out episodes at every validation."""
-        batches = []
-        if self.val.num_episodes:
-            sampler = self._sampler(self.val)
-            generator = torch.Generator().manual_seed(batch_seed(self.seed, VAL_STREAM, 0))
-            batches = [sampler.sample(self.batch_size, generator) for _ in range(self.val_batches)]
-        return DataLoader(batches, batch_size=None)
 
 
 def dataset_report(episodes: Episodes, ref_scores: Sequence[float] | None = None) -> list[dict]:

@@ -11,19 +11,15 @@ import warnings
 from pathlib import Path
 
 import hydra
-import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from dtlab import DTLabError
-from dtlab.checkpoint import resume_path
-from dtlab.data import format_report, minari_env
+from dtlab.data import format_report, load_episodes, minari_env
 from dtlab.rollout import check_env
-from dtlab.tracking import WandbLogger
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger(__name__)
@@ -35,11 +31,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit a DTModule as `cfg` says; returns the final metrics (train/*, val/*, eval/*)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Check the env and the data first: bad input fails in seconds, before any model exists
+    # and before Lightning is imported, which alone takes ~9 s here (torchmetrics, torch._dynamo).
     action_bounds = check_env(cfg.env)
+    episodes = load_episodes(instantiate(cfg.dataset), cfg.env.obs_dim, cfg.env.act_dim, action_bounds)
 
-    # Load and check the data first: a bad dataset fails in seconds, before any model exists.
-    datamodule = instantiate(cfg.data, action_bounds=action_bounds)
+    import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from dtlab.checkpoint import resume_path
+    from dtlab.tracking import WandbLogger
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # partial, then called: instantiate() would take the Episodes dataclass for a config
+    datamodule = instantiate(cfg.data, _partial_=True)(episodes=episodes)
     datamodule.setup("fit")
     log.info("dataset:\n%s", format_report(datamodule.report))
     module = instantiate(

@@ -1,0 +1,113 @@
+"""The LightningDataModule: training windows and validation batches from checked episodes.
+
+Apart from `dtlab.data`, which loads and checks the data without Lightning: importing
+Lightning takes seconds, and bad data must fail before that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from dtlab import DTLabError
+from dtlab.data import Episodes, WindowSampler, batch_seed, dataset_report
+
+VAL_STREAM = 2**31 - 1  # the "rank" whose batch stream is the validation set
+
+
+class _Batches(IterableDataset):
+    """An endless stream of sampled batches, one per training step from `start_step` on."""
+
+    def __init__(
+        self, sampler: WindowSampler, batch_size: int, seed: int, rank: int, start_step: int, total_steps: int
+    ) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.seed, self.rank, self.start_step, self.total_steps = seed, rank, start_step, total_steps
+
+    def __len__(self) -> int:
+        return self.total_steps  # for the progress bar; iteration stops at trainer.max_steps
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        step = self.start_step
+        while True:
+            generator = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, step))
+            yield self.sampler.sample(self.batch_size, generator)
+            step += 1
+
+
+class TrajectoryDataModule(L.LightningDataModule):
+    """Serves training windows and a held-out validation set of whole episodes.
+
+    After `setup()`: `state_mean`, `state_std`, `train` and
+    `val` (Episodes), `episode_returns` (all episodes) and `report` are available."""
+
+    def __init__(
+        self,
+        episodes: Episodes,
+        max_ep_len: int,
+        context_length: int = 20,
+        batch_size: int = 64,
+        reward_scale: float = 0.001,
+        val_fraction: float = 0.1,
+        val_batches: int = 8,
+        seed: int = 0,
+        ref_scores: Sequence[float] | None = None,
+    ) -> None:
+        """episodes: loaded and checked by `dtlab.data.load_episodes`. ref_scores: the env's
+        (random, expert) reference returns, for the dataset report's normalized mean."""
+        super().__init__()
+        if context_length > max_ep_len:
+            raise DTLabError(
+                f"context length K={context_length} exceeds the env's max episode length "
+                f"{max_ep_len}: set model.context_length <= {max_ep_len}"
+            )
+        self.episodes, self.max_ep_len = episodes, max_ep_len
+        self.context_length, self.batch_size = context_length, batch_size
+        self.reward_scale, self.val_fraction, self.val_batches = reward_scale, val_fraction, val_batches
+        self.seed, self.ref_scores = seed, ref_scores
+        self.train: Episodes | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        episodes = self.episodes
+        self.episode_returns = episodes.returns
+        self.report = dataset_report(episodes, self.ref_scores)
+        order = np.random.default_rng(self.seed).permutation(episodes.num_episodes)
+        E = episodes.num_episodes
+        n_val = min(max(round(self.val_fraction * E), 1), E - 1) if self.val_fraction > 0 and E > 1 else 0
+        self.val, self.train = episodes.select(np.sort(order[:n_val])), episodes.select(np.sort(order[n_val:]))
+        self.state_mean = self.train.observations.mean(axis=0)
+        # +1e-6 as in the DT reference code: constant dimensions must not divide by zero
+        self.state_std = self.train.observations.std(axis=0) + 1e-6
+        self._train_sampler = self._sampler(self.train)
+
+    def _sampler(self, episodes: Episodes) -> WindowSampler:
+        return WindowSampler(
+            episodes, self.context_length, self.reward_scale, self.state_mean, self.state_std, self.max_ep_len
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        batches = _Batches(
+            self._train_sampler,
+            self.batch_size,
+            self.seed,
+            rank=trainer.global_rank if trainer else 0,
+            start_step=trainer.global_step if trainer else 0,
+            total_steps=max(trainer.max_steps, 1) if trainer else 1,
+        )
+        return DataLoader(batches, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        """The same fixed windows of the held-out episodes at every validation."""
+        batches = []
+        if self.val.num_episodes:
+            sampler = self._sampler(self.val)
+            generator = torch.Generator().manual_seed(batch_seed(self.seed, VAL_STREAM, 0))
+            batches = [sampler.sample(self.batch_size, generator) for _ in range(self.val_batches)]
+        return DataLoader(batches, batch_size=None)
