@@ -3,14 +3,17 @@
     python benchmarks/eval_throughput.py --ckpt outputs/train/.../checkpoints/last.ckpt
 
 In one process, the same policy (one set of weights) and the same (targets x episodes):
-  (a) sequential: the HF Decision Transformer tutorial's loop on `transformers`'
-      DecisionTransformerModel (the weights exported by `dtlab.hf.to_transformers`, checked to
-      predict dtlab's actions to 1e-5 first): one env, one episode at a time, batch 1, the
-      whole K-step window re-encoded at every step;
-  (a') the same loop calling dtlab's model, to separate the loop's cost from the model's;
+  (a) sequential: the HF Decision Transformer tutorial's evaluation loop as it is written, on
+      `transformers`' DecisionTransformerModel (the weights exported by
+      `dtlab.hf.to_transformers`, checked to predict dtlab's actions to 1e-5 first): one env,
+      one episode at a time, batch 1, the whole state history normalized and the full K-step
+      window re-encoded at every step, autograd left on as in the tutorial;
+  (a') the same loop under torch.no_grad(), the most a user of that loop gets without
+      restructuring it;
+  (a'') (a') calling dtlab's model, to separate the loop's cost from the model's;
   (b) batched: `dtlab.rollout.rollout`, all episodes in one vector env, one model call a step;
   (c) ceiling: (b)'s sequence of batched model calls alone plus its envs stepped alone.
-Prints env-steps/s of each, the speed-ups of (b) over (a) and over (a'), and (b)'s overhead
+Prints env-steps/s of each, the speed-ups of (b) over (a), (a') and (a''), and (b)'s overhead
 share (wall time that is neither model calls nor env steps); writes
 benchmarks/results/eval_throughput.json.
 """
@@ -36,17 +39,27 @@ from dtlab.rollout import Policy, rollout
 ENV = {"id": "HalfCheetah-v5", "obs_dim": 17, "act_dim": 6, "ref_min_score": -280.178953, "ref_max_score": 12135.0}
 
 
-# A window in dtlab's convention -> the action at its last step
-ActionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A window in dtlab's convention -> the actions at its steps, (1, K, act_dim)
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def transformers_loop_action(hf: torch.nn.Module) -> ActionFn:
-    """The tutorial's `get_action` call: full forward, (B, K, 1) returns-to-go, integer attention mask."""
-    return lambda s, a, r, ts, mask: transformers_actions(hf, s, a, r, ts, mask)[0, -1]
+def transformers_forward(hf: torch.nn.Module) -> Forward:
+    """The tutorial's model call: full forward, (B, K, 1) returns-to-go, integer attention mask."""
+    return lambda s, a, r, ts, mask: transformers_actions(hf, s, a, r, ts, mask)
 
 
-def dtlab_loop_action(model: torch.nn.Module) -> ActionFn:
-    return lambda s, a, r, ts, mask: model(s, a, r, ts, mask)[0, -1]
+def get_action(forward: Forward, K: int, states, actions, returns_to_go, timesteps) -> torch.Tensor:
+    """The tutorial's `get_action`: whole histories in, their last K steps left-padded into one
+    window, the action at the last step out."""
+    states, actions = states[-K:], actions[-K:]
+    returns_to_go, timesteps = returns_to_go[-K:], timesteps[-K:]
+    pad = K - len(states)
+    mask = torch.cat([torch.zeros(pad), torch.ones(len(states))]).bool()[None]
+    s = torch.cat([torch.zeros(pad, states.shape[1]), states]).float()[None]
+    a = torch.cat([torch.zeros(pad, actions.shape[1]), actions]).float()[None]
+    r = torch.cat([torch.zeros(pad), returns_to_go]).float()[None]
+    ts = torch.cat([torch.zeros(pad, dtype=torch.long), timesteps])[None]
+    return forward(s, a, r, ts, mask)[0, -1]
 
 
 @torch.no_grad()
@@ -63,39 +76,37 @@ def check_same_policy(hf: torch.nn.Module, model: torch.nn.Module, K: int, seed:
     return diff
 
 
-@torch.no_grad()
-def sequential(act: ActionFn, module: DTModule, targets: list[float], episodes: int, seed: int, max_steps: int) -> int:
-    """The tutorial's loop: histories grow by concatenation, the last K steps are padded into
-    a window and the full forward is run for one action."""
+def sequential(
+    forward: Forward, module: DTModule, targets: list[float], episodes: int, seed: int, max_steps: int, grad: bool
+) -> int:
+    """The tutorial's evaluation loop: one env, one episode at a time; histories grow by
+    concatenation, the whole state history is normalized at every step and `get_action` runs
+    the full forward for one action. The tutorial never turns autograd off, so with grad=True
+    every step also records a graph, chained across the episode through `actions[-1] = action`;
+    grad=False is the same loop under torch.no_grad()."""
     K = module.hparams.context_length
     mean, std, scale = module.state_mean, module.state_std, module.reward_scale
     env = gym.make(ENV["id"], max_episode_steps=max_steps)
     steps = 0
-    for target in targets:
-        for e in range(episodes):
-            obs, _ = env.reset(seed=seed + e)
-            states = torch.from_numpy(obs).float()[None]
-            actions = torch.zeros(0, ENV["act_dim"])
-            rtg = torch.tensor([target * scale])
-            timesteps = torch.zeros(1, dtype=torch.long)
-            for t in range(max_steps):
-                actions = torch.cat([actions, torch.zeros(1, ENV["act_dim"])])
-                n = min(len(states), K)
-                pad = K - n
-                s = torch.cat([torch.zeros(pad, ENV["obs_dim"]), (states[-n:] - mean) / std])[None]
-                a = torch.cat([torch.zeros(pad, ENV["act_dim"]), actions[-n:]])[None]
-                r = torch.cat([torch.zeros(pad), rtg[-n:]])[None]
-                ts = torch.cat([torch.zeros(pad, dtype=torch.long), timesteps[-n:]])[None]
-                mask = (torch.arange(K) >= pad)[None]
-                action = act(s, a, r, ts, mask)
-                actions[-1] = action
-                obs, reward, terminated, truncated, _ = env.step(action.numpy())
-                steps += 1
-                if terminated or truncated:
-                    break
-                states = torch.cat([states, torch.from_numpy(obs).float()[None]])
-                rtg = torch.cat([rtg, (rtg[-1] - reward * scale)[None]])
-                timesteps = torch.cat([timesteps, torch.tensor([t + 1])])
+    with torch.set_grad_enabled(grad):
+        for target in targets:
+            for e in range(episodes):
+                obs, _ = env.reset(seed=seed + e)
+                states = torch.from_numpy(obs).float()[None]
+                actions = torch.zeros(0, ENV["act_dim"])
+                rtg = torch.tensor([target * scale])
+                timesteps = torch.zeros(1, dtype=torch.long)
+                for t in range(max_steps):
+                    actions = torch.cat([actions, torch.zeros(1, ENV["act_dim"])])
+                    action = get_action(forward, K, (states - mean) / std, actions, rtg, timesteps)
+                    actions[-1] = action
+                    obs, reward, terminated, truncated, _ = env.step(action.detach().numpy())
+                    steps += 1
+                    if terminated or truncated:
+                        break
+                    states = torch.cat([states, torch.from_numpy(obs).float()[None]])
+                    rtg = torch.cat([rtg, (rtg[-1] - reward * scale)[None]])
+                    timesteps = torch.cat([timesteps, torch.tensor([t + 1])])
     env.close()
     return steps
 
@@ -147,15 +158,16 @@ def main() -> None:
     hf = to_transformers(module).eval()
     same_policy_diff = check_same_policy(hf, module.model, module.hparams.context_length, args.seed)
 
-    start = time.perf_counter()
-    seq_steps = sequential(transformers_loop_action(hf), module, args.targets, args.episodes, args.seed, args.max_steps)
-    seq_s = time.perf_counter() - start
-
-    start = time.perf_counter()
-    own_steps = sequential(
-        dtlab_loop_action(module.model), module, args.targets, args.episodes, args.seed, args.max_steps
-    )
-    own_s = time.perf_counter() - start
+    loops = {  # name -> (the model call, autograd on)
+        "sequential": (transformers_forward(hf), True),
+        "sequential_no_grad": (transformers_forward(hf), False),
+        "sequential_dtlab_no_grad": (module.model, False),
+    }
+    seq = {}
+    for name, (forward, grad) in loops.items():
+        start = time.perf_counter()
+        steps = sequential(forward, module, args.targets, args.episodes, args.seed, args.max_steps, grad)
+        seq[name] = (steps, time.perf_counter() - start)
 
     start = time.perf_counter()
     result = rollout(Policy.from_module(module), env, args.targets, args.episodes, seed=args.seed, progress=False)
@@ -165,18 +177,19 @@ def main() -> None:
     model_s, env_s = ceiling(module, n, args.max_steps, args.seed)
     overhead = max(batched_s - model_s - env_s, 0.0) / batched_s
 
+    batched_rate = batched_steps / batched_s
     report = {
-        "sequential_steps_per_s": seq_steps / seq_s,
-        "sequential_dtlab_steps_per_s": own_steps / own_s,
-        "batched_steps_per_s": batched_steps / batched_s,
-        "speedup": (batched_steps / batched_s) / (seq_steps / seq_s),
-        "speedup_vs_same_model": (batched_steps / batched_s) / (own_steps / own_s),
+        **{f"{name}_steps_per_s": steps / seconds for name, (steps, seconds) in seq.items()},
+        "batched_steps_per_s": batched_rate,
+        "speedup": batched_rate / (seq["sequential"][0] / seq["sequential"][1]),
+        "speedup_vs_no_grad": batched_rate / (seq["sequential_no_grad"][0] / seq["sequential_no_grad"][1]),
+        "speedup_vs_same_model": batched_rate
+        / (seq["sequential_dtlab_no_grad"][0] / seq["sequential_dtlab_no_grad"][1]),
         "overhead_share": overhead,
         "ceiling_steps_per_s": batched_steps / (model_s + env_s),
         "same_policy_max_abs_diff": same_policy_diff,
         "seconds": {
-            "sequential": seq_s,
-            "sequential_dtlab": own_s,
+            **{name: seconds for name, (_, seconds) in seq.items()},
             "batched": batched_s,
             "model_alone": model_s,
             "envs_alone": env_s,
@@ -194,8 +207,9 @@ def main() -> None:
         },
     }
     rows = [
-        ("(a) HF tutorial loop, transformers", seq_steps, seq_s),
-        ("(a') same loop, dtlab's model", own_steps, own_s),
+        ("(a) HF tutorial loop as written", *seq["sequential"]),
+        ("(a') same loop, torch.no_grad()", *seq["sequential_no_grad"]),
+        ("(a'') same, dtlab's model", *seq["sequential_dtlab_no_grad"]),
         ("(b) dtlab batched rollout", batched_steps, batched_s),
         ("(c) ceiling: model + envs alone", batched_steps, model_s + env_s),
     ]
@@ -203,8 +217,9 @@ def main() -> None:
     for name, steps, seconds in rows:
         print(f"{name:36} {steps:>10} {seconds:>9.1f} {steps / seconds:>9.0f}")
     print(
-        f"speed-up (b)/(a): {report['speedup']:.1f}x, (b)/(a'): {report['speedup_vs_same_model']:.1f}x; "
-        f"(b) overhead share: {overhead:.1%}; (a) and (b) policies agree to {same_policy_diff:.1e}"
+        f"speed-up (b)/(a): {report['speedup']:.1f}x, (b)/(a'): {report['speedup_vs_no_grad']:.1f}x, "
+        f"(b)/(a''): {report['speedup_vs_same_model']:.1f}x; (b) overhead share: {overhead:.1%}; "
+        f"(a) and (b) policies agree to {same_policy_diff:.1e}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
