@@ -1,19 +1,44 @@
 import os
-from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
-
-from dtlab.train import CONF_DIR
-
-# Never the network, never a GL window: set before anything imports wandb or renders.
+# Never the network, never a GL window. Set before anything imports datasets, huggingface_hub
+# or wandb: they read these once, at import.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from dtlab.train import CONF_DIR  # noqa: E402
+
+# And a guard, since a library that goes online anyway (as datasets did when the variable was
+# set after its import) would only show up as a slow test: any connection beyond this machine
+# fails at once and fails the session, even where a library swallows the error.
+_network_attempts: list = []
+_connect = socket.socket.connect
+
+
+def _connect_locally_only(sock: socket.socket, address) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+        _network_attempts.append(address)
+        raise OSError(f"tests must not use the network (tried {address})")
+    _connect(sock, address)
+
+
+socket.socket.connect = _connect_locally_only
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _network_attempts:
+        print(f"\ntests tried to reach the network: {_network_attempts}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def compose_cfg(output_dir: Path, *overrides: str, config: str = "train") -> DictConfig:

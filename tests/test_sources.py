@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
+import datasets
 import gymnasium as gym
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -156,8 +158,11 @@ def test_weighted_mixture_trains_and_samples_by_weight(tmp_path):
 
 
 def test_hub_offline_without_cache_says_how_to_fetch(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    # datasets reads HF_DATASETS_OFFLINE and its cache paths at import (conftest sets the
+    # former first), so an empty cache is patched in, not set in the environment.
+    assert datasets.config.HF_DATASETS_OFFLINE, "this test must not reach the network"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(
         DTLabError,
         match="could not load .* config 'hopper-medium-v2'.*HF_DATASETS_OFFLINE=1 works",
