@@ -178,13 +178,13 @@ def main() -> None:
     overhead = max(batched_s - model_s - env_s, 0.0) / batched_s
 
     batched_rate = batched_steps / batched_s
+    seq_rates = {name: steps / seconds for name, (steps, seconds) in seq.items()}
     report = {
-        **{f"{name}_steps_per_s": steps / seconds for name, (steps, seconds) in seq.items()},
+        **{f"{name}_steps_per_s": rate for name, rate in seq_rates.items()},
         "batched_steps_per_s": batched_rate,
-        "speedup": batched_rate / (seq["sequential"][0] / seq["sequential"][1]),
-        "speedup_vs_no_grad": batched_rate / (seq["sequential_no_grad"][0] / seq["sequential_no_grad"][1]),
-        "speedup_vs_same_model": batched_rate
-        / (seq["sequential_dtlab_no_grad"][0] / seq["sequential_dtlab_no_grad"][1]),
+        "speedup": batched_rate / seq_rates["sequential"],
+        "speedup_vs_no_grad": batched_rate / seq_rates["sequential_no_grad"],
+        "speedup_vs_same_model": batched_rate / seq_rates["sequential_dtlab_no_grad"],
         "overhead_share": overhead,
         "ceiling_steps_per_s": batched_steps / (model_s + env_s),
         "same_policy_max_abs_diff": same_policy_diff,

@@ -42,8 +42,8 @@ class _Batches(IterableDataset):
 class TrajectoryDataModule(L.LightningDataModule):
     """Serves training windows and a held-out validation set of whole episodes.
 
-    After `setup()`: `state_mean`, `state_std`, `train` and
-    `val` (Episodes), `episode_returns` (all episodes) and `report` are available."""
+    After `setup()`: `state_mean`, `state_std`, `train` and `val` (Episodes),
+    `episode_returns` (all episodes) and `report` are available."""
 
     def __init__(
         self,
