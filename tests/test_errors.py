@@ -7,6 +7,8 @@ imports torchmetrics, which imports transformers), and test_train.py already sho
 one line and exit code from a real subprocess."""
 
 import importlib
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -182,3 +184,37 @@ def test_full_traceback_on_request(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(Exception, match="unknown env id"):
         run_main("train", ["debug=smoke", f"hydra.run.dir={tmp_path}", "env.id=Nope-v0"], monkeypatch, capsys)
+
+
+# Checks that an entry point makes before it imports Lightning (~9 s here), so that these
+# mistakes are told at once: (command, arguments, fragment of the one line).
+BEFORE_LIGHTNING = [
+    ("train", ["debug=smoke", "dataset=local", "dataset.path={inputs}/nan_reward.parquet"], "rewards hold NaN"),
+    ("train", ["debug=smoke", "ckpt_path={inputs}/nope.ckpt"], "nope.ckpt' does not exist"),
+    ("train", ["debug=smoke", "ckpt_path=last"], "ckpt_path=last looks for"),
+    ("evaluate", ["ckpt_path={inputs}/nope.ckpt"], "nope.ckpt' does not exist"),
+]
+RUN_ALL = """
+import importlib, json, sys
+for command, args in json.loads(sys.argv[1]):
+    sys.argv = [command, *args]
+    try:
+        importlib.import_module(f"dtlab.{command}").main()
+    except SystemExit as e:
+        print("exit", e.code, "lightning" in sys.modules)
+"""
+
+
+def test_input_errors_come_before_lightning_is_imported(inputs, tmp_path):
+    fill = {"inputs": inputs}
+    cases = [(c, [a.format(**fill) for a in args] + [f"hydra.run.dir={tmp_path}"]) for c, args, _ in BEFORE_LIGHTNING]
+    # one fresh interpreter for all: it has not imported Lightning until one of them does
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_ALL, json.dumps(cases)], capture_output=True, text=True, timeout=120
+    )
+    exits = [line for line in result.stdout.splitlines() if line.startswith("exit ")]
+    assert exits == ["exit 2 False"] * len(cases), result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dtlab: error:")]
+    assert len(errors) == len(cases), result.stderr
+    for (_, _, fragment), error in zip(BEFORE_LIGHTNING, errors, strict=True):
+        assert fragment in error

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dtlab import DTLabError
 from dtlab.module import DTModule
+from dtlab.train import find_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -68,10 +69,7 @@ class Checkpoint(ModelCheckpoint):
 
 def load_checkpoint(path: str | Path) -> DTModule:
     """The DTModule in a checkpoint written by dtlab.train; DTLabError if it is missing or unreadable."""
-    if not Path(path).is_file():
-        raise DTLabError(
-            f"checkpoint {str(path)!r} does not exist: give ckpt_path=PATH to a .ckpt written by dtlab.train"
-        )
+    path = find_checkpoint(path)
     try:
         return DTModule.load_from_checkpoint(path, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - whatever torch or Lightning raise, the file is unusable
@@ -82,23 +80,13 @@ def load_checkpoint(path: str | Path) -> DTModule:
         ) from None
 
 
-def resume_path(ckpt_path: str | None, output_dir: str | Path, module: DTModule) -> str | None:
-    """The checkpoint to resume from, checked before any training step: it exists, loads, and
-    was trained with the same hyperparameters as `module` (the fresh module of this config),
-    since Lightning would restore its weights and optimizer over any changed setting.
-
-    `ckpt_path=last` is `last.ckpt` of this run's own dir: resume a run by pointing Hydra at
-    its dir, `hydra.run.dir=OLD_RUN_DIR ckpt_path=last`, and the run goes on writing there."""
+def resume_path(ckpt_path: str | None, module: DTModule) -> str | None:
+    """The checkpoint to resume from (a file `dtlab.train.find_checkpoint` found), checked
+    before any training step: it loads, and was trained with the same hyperparameters as
+    `module` (the fresh module of this config), since Lightning would restore its weights and
+    optimizer over any changed setting."""
     if ckpt_path is None:
         return None
-    if ckpt_path == "last":
-        last = Path(output_dir) / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise DTLabError(
-                f"ckpt_path=last looks for {last}, which does not exist: resume a run with "
-                "hydra.run.dir=OLD_RUN_DIR ckpt_path=last, or give ckpt_path=PATH"
-            )
-        ckpt_path = str(last)
     saved = load_checkpoint(ckpt_path).hparams
     changed = [
         f"{key}={saved.get(key)!r} there, {value!r} here"

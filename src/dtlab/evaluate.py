@@ -19,11 +19,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dtlab import DTLabError
-from dtlab.callbacks import plot_return_conditioning, write_video
-from dtlab.checkpoint import load_checkpoint
 from dtlab.hf import from_transformers
 from dtlab.rollout import Policy, check_env, resolve_targets, rollout
-from dtlab.train import CONF_DIR, run_cli
+from dtlab.train import CONF_DIR, find_checkpoint, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +36,9 @@ def load_policy(cfg: DictConfig) -> tuple[Policy, str | None, dict | None, list[
     if cfg.hf_model is not None:
         imported = from_transformers(cfg.hf_model)
         return imported.policy(repr(cfg.hf_model)), imported.env_id, None, None
+    find_checkpoint(cfg.ckpt_path)  # before Lightning is imported (~9 s), so that a wrong path fails at once
+    from dtlab.checkpoint import load_checkpoint
+
     module = load_checkpoint(cfg.ckpt_path)
     return Policy.from_module(module), module.hparams.env_id, module.env_config, module.episode_returns
 
@@ -66,6 +67,8 @@ def evaluate(cfg: DictConfig) -> dict:
             f"but {cfg.env.id} has {cfg.env.obs_dim} and {cfg.env.act_dim}: choose the env it was trained in"
         )
     check_env(cfg.env)
+    from dtlab.callbacks import plot_return_conditioning, write_video  # Lightning: after the checks
+
     targets = resolve_targets(cfg.target_return, episode_returns)
     out = Path(cfg.paths.output_dir)
     result = rollout(

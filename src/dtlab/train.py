@@ -35,6 +35,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # and before Lightning is imported, which alone takes ~9 s here (torchmetrics, torch._dynamo).
     action_bounds = check_env(cfg.env)
     episodes = load_episodes(instantiate(cfg.dataset), cfg.env.obs_dim, cfg.env.act_dim, action_bounds)
+    ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.output_dir)
 
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -61,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     module.env_config = OmegaConf.to_container(cfg.env, resolve=True)
     module.episode_returns = datamodule.episode_returns.tolist()
-    ckpt_path = resume_path(cfg.ckpt_path, cfg.paths.output_dir, module)
+    ckpt_path = resume_path(ckpt_path, module)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -98,6 +99,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("run dir: %s (checkpoints in %s)", cfg.paths.output_dir, Path(cfg.paths.output_dir) / "checkpoints")
     return metrics
+
+
+def find_checkpoint(ckpt_path: str, run_dir: str | Path | None = None) -> str:
+    """The checkpoint file `ckpt_path` names, or DTLabError if there is none. Free of
+    Lightning, so that the entry points check the path before they import it.
+
+    `ckpt_path=last` (with the `run_dir` of a run to resume) is that run's `last.ckpt`: resume a
+    run by pointing Hydra at its dir, `hydra.run.dir=OLD_RUN_DIR ckpt_path=last`, and the run
+    goes on writing there."""
+    if ckpt_path == "last" and run_dir is not None:
+        last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise DTLabError(
+                f"ckpt_path=last looks for {last}, which does not exist: resume a run with "
+                "hydra.run.dir=OLD_RUN_DIR ckpt_path=last, or give ckpt_path=PATH"
+            )
+        return str(last)
+    if not Path(ckpt_path).is_file():
+        raise DTLabError(
+            f"checkpoint {str(ckpt_path)!r} does not exist: give ckpt_path=PATH to a .ckpt written by dtlab.train"
+        )
+    return str(ckpt_path)
 
 
 def run_cli(task, cfg: DictConfig):  # noqa: ANN001, ANN201 - a thin wrapper around any entry point
