@@ -190,6 +190,7 @@ def test_full_traceback_on_request(tmp_path, monkeypatch, capsys):
 # mistakes are told at once: (command, arguments, fragment of the one line).
 BEFORE_LIGHTNING = [
     ("train", ["debug=smoke", "dataset=local", "dataset.path={inputs}/nan_reward.parquet"], "rewards hold NaN"),
+    ("train", ["debug=smoke", "model.context_length=60"], "context length K=60 exceeds"),
     ("train", ["debug=smoke", "ckpt_path={inputs}/nope.ckpt"], "nope.ckpt' does not exist"),
     ("train", ["debug=smoke", "ckpt_path=last"], "ckpt_path=last looks for"),
     ("evaluate", ["ckpt_path={inputs}/nope.ckpt"], "nope.ckpt' does not exist"),

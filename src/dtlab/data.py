@@ -396,6 +396,15 @@ def load_episodes(
 # Window sampling.
 
 
+def check_context_length(context_length: int, max_ep_len: int) -> None:
+    """A window of K steps must fit in the env's episodes (their timesteps embed up to max_ep_len)."""
+    if context_length > max_ep_len:
+        raise DTLabError(
+            f"context length K={context_length} exceeds the env's max episode length "
+            f"{max_ep_len}: set model.context_length <= {max_ep_len}"
+        )
+
+
 class WindowSampler:
     """Draws K-step windows the DT paper's way: an episode with probability proportional to
     its length, a start step uniform in it, the window cut at the episode's end and

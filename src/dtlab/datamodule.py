@@ -13,8 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from dtlab import DTLabError
-from dtlab.data import Episodes, WindowSampler, batch_seed, dataset_report
+from dtlab.data import Episodes, WindowSampler, batch_seed, check_context_length, dataset_report
 
 VAL_STREAM = 2**31 - 1  # the "rank" whose batch stream is the validation set
 
@@ -60,11 +59,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         """episodes: loaded and checked by `dtlab.data.load_episodes`. ref_scores: the env's
         (random, expert) reference returns, for the dataset report's normalized mean."""
         super().__init__()
-        if context_length > max_ep_len:
-            raise DTLabError(
-                f"context length K={context_length} exceeds the env's max episode length "
-                f"{max_ep_len}: set model.context_length <= {max_ep_len}"
-            )
+        check_context_length(context_length, max_ep_len)
         self.episodes, self.max_ep_len = episodes, max_ep_len
         self.context_length, self.batch_size = context_length, batch_size
         self.reward_scale, self.val_fraction, self.val_batches = reward_scale, val_fraction, val_batches

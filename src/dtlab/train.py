@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dtlab import DTLabError
-from dtlab.data import format_report, load_episodes, minari_env
+from dtlab.data import check_context_length, format_report, load_episodes, minari_env
 from dtlab.rollout import check_env
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -34,6 +34,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Check the env and the data first: bad input fails in seconds, before any model exists
     # and before Lightning is imported, which alone takes ~9 s here (torchmetrics, torch._dynamo).
     action_bounds = check_env(cfg.env)
+    check_context_length(cfg.data.context_length, cfg.data.max_ep_len)
     episodes = load_episodes(instantiate(cfg.dataset), cfg.env.obs_dim, cfg.env.act_dim, action_bounds)
     ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.output_dir)
 
