@@ -102,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def find_checkpoint(ckpt_path: str, run_dir: str | Path | None = None) -> str:
+def find_checkpoint(ckpt_path: str | Path, run_dir: str | Path | None = None) -> str:
     """The checkpoint file `ckpt_path` names, or DTLabError if there is none. Free of
     Lightning, so that the entry points check the path before they import it.
 
