@@ -34,7 +34,8 @@ import transformers
 
 from dtlab.hf import to_transformers, transformers_actions
 from dtlab.module import DTModule
-from dtlab.rollout import Policy, rollout
+from dtlab.policy import Policy
+from dtlab.rollout import rollout
 
 ENV = {"id": "HalfCheetah-v5", "obs_dim": 17, "act_dim": 6, "ref_min_score": -280.178953, "ref_max_score": 12135.0}
 

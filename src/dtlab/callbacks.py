@@ -10,7 +10,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from dtlab.rollout import Policy, resolve_targets, rollout
+from dtlab.policy import Policy
+from dtlab.rollout import resolve_targets, rollout
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ def write_video(frames: Sequence[np.ndarray], path: Path, fps: int = 20) -> Path
     return path
 
 
+def evaluation_due(step: int, every_n_steps: int, max_steps: int) -> bool:
+    """The in-training evaluation schedule: every `every_n_steps` steps (0: never) and at the
+    last step. best.ckpt (dtlab.checkpoint.BestCheckpoint) is saved on the same schedule."""
+    return (every_n_steps > 0 and step % every_n_steps == 0) or step >= max_steps
+
+
 class EvaluationCallback(L.Callback):
     """Every `every_n_steps` training steps, and at the last step, run the rollouts in eval mode
     and log `eval/<target>/return_mean|return_std|normalized_score` and the headline
@@ -91,8 +98,7 @@ class EvaluationCallback(L.Callback):
         resolve_targets(self.target_return, getattr(trainer.datamodule, "episode_returns", None))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        step = trainer.global_step
-        if (self.every_n_steps > 0 and step % self.every_n_steps == 0) or step >= trainer.max_steps:
+        if evaluation_due(trainer.global_step, self.every_n_steps, trainer.max_steps):
             self.evaluate(trainer, pl_module)
 
     def state_dict(self) -> dict:

@@ -7,6 +7,7 @@ A run's checkpoints live in `<run dir>/checkpoints/`: `last.ckpt` (every
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dtlab import DTLabError
+from dtlab.callbacks import evaluation_due
 from dtlab.module import DTModule
 from dtlab.train import find_checkpoint
 
@@ -67,6 +69,23 @@ class Checkpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """best.ckpt: the weights of the best in-training evaluation so far (`monitor`). It saves on
+    the evaluation callback's own schedule, every `every_n_steps` steps and at the last step,
+    so the extra evaluation at the last step competes too; ModelCheckpoint's
+    every_n_train_steps would skip it (and with eval.every_n_steps=0 never save at all).
+    Checkpoint callbacks run after the others, so the evaluation of this step is in."""
+
+    def __init__(self, every_n_steps: int, **kwargs: Any) -> None:
+        super().__init__(every_n_train_steps=0, every_n_epochs=0, **kwargs)  # no schedule of its own
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        due = evaluation_due(trainer.global_step, self.every_n_steps, trainer.max_steps)
+        if due and not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def load_checkpoint(path: str | Path) -> DTModule:
     """The DTModule in a checkpoint written by dtlab.train; DTLabError if it is missing or unreadable."""
     path = find_checkpoint(path)
@@ -88,12 +107,14 @@ def resume_path(ckpt_path: str | None, module: DTModule) -> str | None:
     if ckpt_path is None:
         return None
     saved = load_checkpoint(ckpt_path).hparams
+    # A key the checkpoint predates was at its constructor default when it was written.
+    defaults = {k: p.default for k, p in inspect.signature(type(module).__init__).parameters.items()}
     changed = [
-        f"{key}={saved.get(key)!r} there, {value!r} here"
+        f"{key}={saved.get(key, defaults.get(key))!r} there, {value!r} here"
         if isinstance(value, str | int | float | bool) or value is None
         else f"{key} differs"
         for key, value in module.hparams.items()
-        if saved.get(key) != value
+        if saved.get(key, defaults.get(key)) != value
     ]
     if changed:
         raise DTLabError(

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dtlab import DTLabError
+from dtlab.policy import normalize_states, scale_returns, windows
 
 SAMPLE_PATH = Path(__file__).parent / "assets" / "halfcheetah-sample-v5.parquet"
 HUB_REPO = "edbeeching/decision_transformer_gym_replay"
@@ -340,8 +341,13 @@ def episodes_from_dataset(ds: datasets.Dataset) -> Episodes:
                 f"episode {e} has {lengths[e]} observations but {other[e]} {name}: "
                 "every step needs one observation, action and reward"
             )
-    if lengths.sum() == 0:
-        raise DTLabError("dataset episodes are all empty: check dataset.path")
+    if (lengths == 0).any():
+        # An empty episode would take the next one's first reward as its return (reduceat).
+        e = int(np.argmax(lengths == 0))
+        raise DTLabError(
+            f"episode {e} has no steps ({int((lengths == 0).sum())} of {len(lengths)} episodes are empty): "
+            "drop empty episodes from the dataset"
+        )
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     E = len(lengths)
     weights = (
@@ -400,8 +406,20 @@ def check_context_length(context_length: int, max_ep_len: int) -> None:
     """A window of K steps must fit in the env's episodes (their timesteps embed up to max_ep_len)."""
     if context_length > max_ep_len:
         raise DTLabError(
-            f"context length K={context_length} exceeds the env's max episode length "
+            f"context length K={context_length} exceeds the env's episode limit env.max_ep_len="
             f"{max_ep_len}: set model.context_length <= {max_ep_len}"
+        )
+
+
+def check_episode_lengths(episodes: Episodes, max_ep_len: int) -> None:
+    """Every step's timestep must have its own row in the model's timestep table (max_ep_len
+    rows, the env's real episode limit); a longer episode would share the last row."""
+    longest = int(episodes.lengths.max())
+    if longest > max_ep_len:
+        e = int(np.argmax(episodes.lengths))
+        raise DTLabError(
+            f"episode {e} has {longest} steps, more than the model's timestep table of env.max_ep_len="
+            f"{max_ep_len} rows: set env.max_ep_len to the episode limit the data was recorded with"
         )
 
 
@@ -410,8 +428,8 @@ class WindowSampler:
     its length, a start step uniform in it, the window cut at the episode's end and
     left-padded to K (mask False at pads). One call gathers a whole batch by index arithmetic.
 
-    States are normalized with (state_mean, state_std); returns-to-go are multiplied by
-    reward_scale, here and only here (the rollout does the same to its targets)."""
+    States are normalized with (state_mean, state_std) and returns-to-go multiplied by
+    reward_scale once, here, by the functions the rollout uses too (dtlab.policy)."""
 
     def __init__(
         self,
@@ -422,11 +440,11 @@ class WindowSampler:
         state_std: np.ndarray,
         max_ep_len: int,
     ) -> None:
+        check_episode_lengths(episodes, max_ep_len)
         self.K = context_length
-        self.max_ep_len = max_ep_len
-        self.states = torch.from_numpy((episodes.observations - state_mean) / state_std).float()
+        self.states = normalize_states(episodes.observations, state_mean, state_std)
         self.actions = torch.from_numpy(episodes.actions)
-        self.returns_to_go = torch.from_numpy(episodes.returns_to_go() * reward_scale).float()
+        self.returns_to_go = scale_returns(episodes.returns_to_go(), reward_scale)
         self.starts = torch.from_numpy(episodes.starts)
         self.lengths = torch.from_numpy(episodes.lengths)
         probs = self.lengths.double() * torch.from_numpy(episodes.weights)
@@ -440,27 +458,20 @@ class WindowSampler:
 
     def windows(self, episode: torch.Tensor, start: torch.Tensor) -> dict[str, torch.Tensor]:
         """The windows beginning at step `start` of `episode` (both (B,)), left-padded to K."""
-        K = self.K
-        steps = torch.clamp(self.lengths[episode] - start, max=K)  # (B,) real steps in window
-        pad = K - steps  # (B,)
-        j = torch.arange(K)  # (K,)
-        mask = j[None, :] >= pad[:, None]  # (B, K)
-        t = (start[:, None] + j[None, :] - pad[:, None]).clamp(min=0)  # (B, K) step in episode
-        rows = self.starts[episode][:, None] + t  # (B, K) row in the flat arrays
-        m = mask[..., None]
-        return {
-            "states": self.states[rows] * m,  # (B, K, obs_dim)
-            "actions": self.actions[rows] * m,  # (B, K, act_dim)
-            "returns_to_go": self.returns_to_go[rows] * mask,  # (B, K)
-            "timesteps": (t * mask).clamp(max=self.max_ep_len - 1),  # (B, K)
-            "mask": mask,  # (B, K)
-        }
+        count = torch.clamp(self.lengths[episode] - start, max=self.K)  # (B,) real steps in window
+        return windows(self.states, self.actions, self.returns_to_go, self.starts[episode], start, count, self.K)
 
 
-def batch_seed(seed: int, rank: int, step: int) -> int:
-    """Batch `step` of process `rank` depends only on these three numbers, so a resumed run
-    draws exactly the batches the uninterrupted run would have."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+# Random streams of a training step, each seeded by (seed, rank, step, stream) alone.
+BATCHES, DROPOUT = 0, 1
+
+
+def stream_seed(seed: int, rank: int, step: int, stream: int = BATCHES) -> int:
+    """The seed of random stream `stream` (BATCHES, DROPOUT) at training step `step` of
+    process `rank`. It depends only on these four numbers, so a resumed run draws exactly the
+    batches and dropout masks the uninterrupted run would have; and the streams are
+    independent, so a dropout mask is no function of the batch drawn beside it."""
+    return int(np.random.SeedSequence([seed, rank, step, stream]).generate_state(1)[0])
 
 
 def dataset_report(episodes: Episodes, ref_scores: Sequence[float] | None = None) -> list[dict]:

@@ -13,7 +13,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from dtlab.data import Episodes, WindowSampler, batch_seed, check_context_length, dataset_report
+from dtlab.data import (
+    BATCHES,
+    Episodes,
+    WindowSampler,
+    check_context_length,
+    dataset_report,
+    stream_seed,
+)
 
 VAL_STREAM = 2**31 - 1  # the "rank" whose batch stream is the validation set
 
@@ -33,7 +40,7 @@ class _Batches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         step = self.start_step
         while True:
-            generator = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, step))
+            generator = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, step, BATCHES))
             yield self.sampler.sample(self.batch_size, generator)
             step += 1
 
@@ -56,8 +63,9 @@ class TrajectoryDataModule(L.LightningDataModule):
         seed: int = 0,
         ref_scores: Sequence[float] | None = None,
     ) -> None:
-        """episodes: loaded and checked by `dtlab.data.load_episodes`. ref_scores: the env's
-        (random, expert) reference returns, for the dataset report's normalized mean."""
+        """episodes: loaded and checked by `dtlab.data.load_episodes`. max_ep_len: rows of the
+        model's timestep table (env.max_ep_len). ref_scores: the env's (random, expert)
+        reference returns, for the dataset report's normalized mean."""
         super().__init__()
         check_context_length(context_length, max_ep_len)
         self.episodes, self.max_ep_len = episodes, max_ep_len
@@ -103,6 +111,6 @@ class TrajectoryDataModule(L.LightningDataModule):
         batches = []
         if self.val.num_episodes:
             sampler = self._sampler(self.val)
-            generator = torch.Generator().manual_seed(batch_seed(self.seed, VAL_STREAM, 0))
+            generator = torch.Generator().manual_seed(stream_seed(self.seed, VAL_STREAM, 0, BATCHES))
             batches = [sampler.sample(self.batch_size, generator) for _ in range(self.val_batches)]
         return DataLoader(batches, batch_size=None)

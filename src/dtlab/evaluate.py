@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dtlab import DTLabError
 from dtlab.hf import from_transformers
-from dtlab.rollout import Policy, check_env, resolve_targets, rollout
+from dtlab.policy import Policy
+from dtlab.rollout import check_env, resolve_targets, rollout
 from dtlab.train import CONF_DIR, find_checkpoint, run_cli
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,7 @@
 
     imported = from_transformers("path/to/save_pretrained/folder")  # or an in-memory model
     policy = imported.policy()  # for dtlab.rollout; needs the normalization in dtlab.json
+    module = imported.module(learning_rate=1e-4)  # a DTModule to fine-tune with Lightning
     to_transformers(module, "out/folder")  # DecisionTransformerModel.from_pretrained loads it
 
 Both compute the same function, but the weights are laid out differently:
@@ -25,16 +26,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dtlab import DTLabError
 from dtlab.model import DecisionTransformer, DTConfig
-from dtlab.rollout import Policy
+from dtlab.policy import Policy
 
 if TYPE_CHECKING:
     from transformers import DecisionTransformerModel
+
+    from dtlab.module import DTModule
 
 SIDECAR = "dtlab.json"
 # transformers' activation_function -> DTConfig.activation; "gelu_new" and "gelu_pytorch_tanh"
@@ -123,6 +126,43 @@ class Imported:
                 f"scale=1000): write them into {SIDECAR} beside config.json"
             )
         return Policy(self.model, torch.tensor(self.state_mean), torch.tensor(self.state_std), self.reward_scale)
+
+    def module(self, **hparams: Any) -> DTModule:
+        """A DTModule holding these weights, to fine-tune with Lightning: the architecture
+        (sizes, K, timestep table, activation, action_tanh, dropout) is the imported model's;
+        `hparams` give the optimisation (learning_rate, warmup_steps, ...) and whatever
+        dtlab.json did not (env_id, state_mean, state_std, reward_scale)."""
+        from dtlab.module import DTModule  # Lightning, only when asked for
+
+        c = self.model.config
+        known = {
+            "env_id": self.env_id,
+            "state_mean": self.state_mean,
+            "state_std": self.state_std,
+            "reward_scale": self.reward_scale,
+        }
+        given = {k: v for k, v in known.items() if v is not None} | hparams
+        missing = [k for k in known if k not in given]
+        if missing:
+            raise DTLabError(f"this model's {SIDECAR} does not give {missing}: pass them to module()")
+        architecture = {
+            "state_dim": c.state_dim,
+            "act_dim": c.act_dim,
+            "max_ep_len": c.max_ep_len,
+            "context_length": c.context_length,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_embd": c.n_embd,
+            "dropout": c.dropout,
+            "activation": c.activation,
+            "action_tanh": c.action_tanh,
+        }
+        clash = sorted(set(architecture) & set(given))
+        if clash:
+            raise DTLabError(f"{clash} are the imported model's own and cannot be changed")
+        module = DTModule(**architecture, **given)
+        module.model.load_state_dict(self.model.state_dict())
+        return module
 
 
 def from_transformers(model_or_path: DecisionTransformerModel | str | Path, context_length: int = 20) -> Imported:

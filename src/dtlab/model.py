@@ -32,7 +32,9 @@ class DTConfig:
     dropout: float = 0.1  # on embeddings, attention weights, residual branches
     action_tanh: bool = True  # squash predicted actions into [-1, 1]
     # MLP nonlinearity: "gelu" (exact, erf), "gelu_tanh" (GPT-2's tanh approximation) or "relu"
-    # (transformers' DecisionTransformerConfig default); see dtlab.hf.
+    # (the DT reference code's activation_function='relu', and DecisionTransformerConfig's
+    # default; conf/model/small.yaml). "gelu" stays the default: checkpoints written before
+    # the choice existed were trained with it. See dtlab.hf.
     activation: str = "gelu"
 
 
@@ -194,8 +196,10 @@ class DecisionTransformer(nn.Module):
         return torch.tanh(out) if self.config.action_tanh else out
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """Weight decay on Linear weight matrices only; biases, LayerNorm and embedding tables
-        are left alone (as in minGPT and the DT reference code)."""
+        """Two AdamW groups, minGPT's split: weight decay on Linear weight matrices; none on
+        biases, LayerNorm parameters and the timestep embedding table. (The DT reference code,
+        kzl/decision-transformer, decays every parameter alike; with its 1e-4 the difference is
+        small, but it is a difference.)"""
         decay, no_decay = [], []
         for module in self.modules():
             for name, p in module.named_parameters(recurse=False):

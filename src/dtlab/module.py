@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from dtlab import DTLabError
-from dtlab.data import batch_seed
+from dtlab.data import DROPOUT, stream_seed
 from dtlab.model import DecisionTransformer, DTConfig
+from dtlab.policy import Policy, check_timesteps, windows
 
 
 class DTModule(L.LightningModule):
@@ -33,6 +34,8 @@ class DTModule(L.LightningModule):
         n_head: int = 1,
         n_embd: int = 128,
         dropout: float = 0.1,
+        activation: str = "gelu",
+        action_tanh: bool = True,
         learning_rate: float = 1e-4,
         weight_decay: float = 1e-4,
         betas: Sequence[float] = (0.9, 0.999),
@@ -42,7 +45,10 @@ class DTModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         """Dims, env and normalization come from the env config and the data; the rest are the
-        DT paper's hyperparameters (Chen et al. 2021, Table 8), its defaults.
+        DT paper's hyperparameters (Chen et al. 2021, Table 8), its defaults, except
+        `activation`: "gelu" is what every checkpoint written before this key existed used, so
+        it stays the default here and they load unchanged; conf/model/small.yaml sets the
+        paper's "relu".
         lr_schedule: "constant" (linear warmup, then constant, as the paper) or "cosine"
         (linear warmup, then cosine decay to 0 at trainer.max_steps).
         seed: the run's seed; the dropout masks of a training step are drawn from it."""
@@ -63,6 +69,8 @@ class DTModule(L.LightningModule):
             n_head=n_head,
             n_embd=n_embd,
             dropout=dropout,
+            activation=activation,
+            action_tanh=action_tanh,
         )
         self.model = DecisionTransformer(self.config)
         if compile:
@@ -90,10 +98,10 @@ class DTModule(L.LightningModule):
         return (err * mask).sum() / mask.sum()
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Dropout draws from the global torch generator. Seeding it from (seed, rank, step), as
-        # the batch sampler seeds its batches, makes step t the same whether or not the run was
-        # stopped and resumed before it: no generator state has to travel in the checkpoint.
-        torch.manual_seed(batch_seed(self.hparams.seed, self.global_rank, self.global_step))
+        # Dropout draws from the global torch generator. Seeding it from (seed, rank, step) makes
+        # step t the same whether or not the run was stopped and resumed before it: no generator
+        # state has to travel in the checkpoint. Its own stream: masks independent of the batch.
+        torch.manual_seed(stream_seed(self.hparams.seed, self.global_rank, self.global_step, DROPOUT))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._action_mse(batch)
@@ -149,22 +157,23 @@ class DTModule(L.LightningModule):
             raise DTLabError(f"act: actions must have shape [{T}, {hp.act_dim}], got {list(actions.shape)}")
         if np.shape(returns_to_go) != (T,) or np.shape(timesteps) != (T,):
             raise DTLabError(f"act: returns_to_go and timesteps must have shape [{T}]")
+        check_timesteps(int(np.max(timesteps)), hp.max_ep_len, "act: timesteps", "pass timesteps within the table")
+        policy = Policy.from_module(self)
         K = hp.context_length
-        window = slice(max(T - K, 0), T)
-        pad = K - (window.stop - window.start)
-
-        def left_pad(x: np.ndarray) -> torch.Tensor:
-            x = torch.as_tensor(x[window], device=self.device)
-            return torch.cat([x.new_zeros((pad, *x.shape[1:])), x])[None]  # (1, K, ...)
-
-        s = (left_pad(states) - self.state_mean) / self.state_std
-        a = left_pad(actions)
-        r = left_pad(np.asarray(returns_to_go, dtype=np.float32) * np.float32(self.reward_scale))
-        t = left_pad(np.asarray(timesteps, dtype=np.int64)).clamp(0, hp.max_ep_len - 1)
-        mask = torch.arange(K, device=self.device)[None] >= pad
+        first = max(T - K, 0)  # the window: the last K steps of the history, left-padded
+        window = windows(
+            policy.normalize(states),
+            torch.as_tensor(actions, device=self.device),
+            policy.scale(returns_to_go),
+            torch.zeros(1, dtype=torch.long, device=self.device),
+            torch.full((1,), first, device=self.device),
+            torch.full((1,), T - first, device=self.device),
+            K,
+            timesteps=torch.as_tensor(np.asarray(timesteps, dtype=np.int64), device=self.device),
+        )
         training = self.model.training
         self.model.eval()
         try:
-            return self.model(s, a, r, t, mask, last_only=True)[0].cpu().numpy()
+            return policy.act(window)[0].cpu().numpy()
         finally:
             self.model.train(training)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import gymnasium as gym
 import mujoco
@@ -23,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dtlab import DTLabError
-from dtlab.model import DecisionTransformer
+from dtlab.policy import Policy, check_timesteps, windows
 
 _mujoco_warnings: set[str] = set()
 
@@ -38,21 +37,6 @@ def _log_mujoco_warning(message: str) -> None:
 
 
 mujoco.set_mju_user_warning(_log_mujoco_warning)
-
-
-@dataclass
-class Policy:
-    """The bare model plus what it needs to read raw observations and returns."""
-
-    model: DecisionTransformer
-    state_mean: torch.Tensor  # (obs_dim,)
-    state_std: torch.Tensor  # (obs_dim,)
-    reward_scale: float
-
-    @classmethod
-    def from_module(cls, module: torch.nn.Module) -> Policy:
-        """From a DTModule (fresh, or from `DTModule.load_from_checkpoint`)."""
-        return cls(module.model, module.state_mean, module.state_std, module.reward_scale)
 
 
 def check_env(env: Mapping) -> tuple[np.ndarray, np.ndarray]:
@@ -123,8 +107,10 @@ def rollout(
     (raw observations, actions, rewards and the steps each env was alive, as arrays
     [N, T, ...]) when `record`.
     """
-    model, K = policy.model, policy.model.config.context_length
+    model, K = policy.model, policy.context_length
     max_steps = int(env["max_episode_steps"])
+    fix = f"evaluate at most {policy.max_ep_len} steps"
+    check_timesteps(max_steps - 1, policy.max_ep_len, f"env.max_episode_steps={max_steps}", fix)
     targets = [float(t) for t in targets]
     n = len(targets) * episodes
     if vector_mode not in ("sync", "async"):
@@ -134,18 +120,15 @@ def rollout(
     render = {"render_mode": "rgb_array", "camera_name": "track", "width": 240, "height": 240} if video_frames else {}
     envs = gym.make_vec(env["id"], num_envs=n, vectorization_mode=vector_mode, max_episode_steps=max_steps, **render)
     device = policy.state_mean.device
-    dtype = next(model.parameters()).dtype
     seeds = [seed + i for i in range(n)]
     target = torch.tensor(targets, dtype=torch.float64).repeat_interleave(episodes)  # (N,) env i -> target
 
-    # Histories, left-padded by K-1 rows so that the window of step t is rows [t, t+K).
-    pad = K - 1
-    states = torch.zeros(n, pad + max_steps, model.config.state_dim, dtype=dtype, device=device)
-    actions = torch.zeros(n, pad + max_steps, model.config.act_dim, dtype=dtype, device=device)
-    returns_to_go = torch.zeros(n, pad + max_steps, dtype=dtype, device=device)
-    timesteps = torch.zeros(1, pad + max_steps, dtype=torch.long, device=device)
-    timesteps[0, pad:] = torch.arange(max_steps).clamp(max=model.config.max_ep_len - 1)
-    position = torch.arange(K, device=device)
+    # Each env's history, normalized and scaled as training saw it: env i's step t is flat
+    # row i * max_steps + t, the layout of the training data's episodes (dtlab.policy.windows).
+    states = torch.zeros(n * max_steps, model.config.state_dim, device=device)
+    actions = torch.zeros(n * max_steps, model.config.act_dim, device=device)
+    returns_to_go = torch.zeros(n * max_steps, device=device)
+    sequence_start = torch.arange(n, device=device) * max_steps  # (N,)
 
     received = np.zeros(n)  # rewards received so far (raw)
     lengths = np.zeros(n, dtype=np.int64)
@@ -160,21 +143,14 @@ def rollout(
     try:
         obs, _ = envs.reset(seed=seeds)
         for t in tqdm(range(max_steps), desc="rollout", unit="step", leave=False, disable=not progress):
-            row = pad + t
-            states[:, row] = (torch.as_tensor(obs, device=device, dtype=dtype) - policy.state_mean) / policy.state_std
-            rtg = (target - torch.from_numpy(received)) * policy.reward_scale
-            returns_to_go[:, row] = rtg.to(device=device, dtype=dtype)
-            window = slice(t, t + K)
-            mask = (position >= pad - t).expand(n, K) if t < pad else None  # (N, K): False at left pads
-            action = model(
-                states[:, window],
-                actions[:, window],
-                returns_to_go[:, window],
-                timesteps[:, window].expand(n, K),
-                mask,
-                last_only=True,
-            )  # (N, act_dim)
-            actions[:, row] = action
+            rows = sequence_start + t  # (N,)
+            states[rows] = policy.normalize(obs)
+            returns_to_go[rows] = policy.scale(target - torch.from_numpy(received))  # target minus rewards so far
+            first = max(t - K + 1, 0)  # the window holds steps first..t, left-padded while t < K-1
+            count = torch.full((n,), t - first + 1, device=device)
+            window = windows(states, actions, returns_to_go, sequence_start, count.new_full((n,), first), count, K)
+            action = policy.act(window)  # (N, act_dim)
+            actions[rows] = action
             action = np.clip(action.float().cpu().numpy(), low, high)
             for i, env_id in enumerate(frame_envs):
                 if alive[env_id] and len(frames[i]) < video_frames:

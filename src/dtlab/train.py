@@ -18,7 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dtlab import DTLabError
-from dtlab.data import check_context_length, format_report, load_episodes, minari_env
+from dtlab.data import check_context_length, check_episode_lengths, format_report, load_episodes, minari_env
+from dtlab.policy import check_timesteps
 from dtlab.rollout import check_env
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -36,6 +37,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     action_bounds = check_env(cfg.env)
     check_context_length(cfg.data.context_length, cfg.data.max_ep_len)
     episodes = load_episodes(instantiate(cfg.dataset), cfg.env.obs_dim, cfg.env.act_dim, action_bounds)
+    check_episode_lengths(episodes, cfg.data.max_ep_len)
+    horizon = cfg.env.max_episode_steps
+    check_timesteps(horizon - 1, cfg.data.max_ep_len, f"env.max_episode_steps={horizon}", "shorten the evaluations")
     ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.output_dir)
 
     import lightning as L
@@ -55,7 +59,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         env_id=cfg.env.id,
         state_dim=cfg.env.obs_dim,
         act_dim=cfg.env.act_dim,
-        max_ep_len=cfg.env.max_episode_steps,
+        max_ep_len=cfg.data.max_ep_len,  # the env's real episode limit, not the evaluation horizon
         state_mean=datamodule.state_mean.tolist(),
         state_std=datamodule.state_std.tolist(),
         reward_scale=datamodule.reward_scale,
