@@ -10,7 +10,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -56,3 +58,12 @@ def compose_cfg(output_dir: Path, *overrides: str, config: str = "train") -> Dic
 def make_cfg(tmp_path: Path):
     """compose_cfg with the run dir in tmp_path."""
     return lambda *overrides, config="train": compose_cfg(tmp_path, *overrides, config=config)
+
+
+def drawn_episodes(sampler, episodes, n: int, seed: int = 0) -> np.ndarray:
+    """The episode of each of `n` windows that `sampler.sample()` draws, found from the
+    window's last state (always a real step) among all the sampler's states: what sample()
+    does, not what its probabilities say it should do. Needs distinct states."""
+    batch = sampler.sample(n, torch.Generator().manual_seed(seed))
+    rows = torch.cdist(batch["states"][:, -1].double(), sampler.states.double()).argmin(dim=1).numpy()
+    return np.searchsorted(episodes.starts, rows, side="right") - 1

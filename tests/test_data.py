@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import drawn_episodes
 from datasets import Dataset
 
 from dtlab import DTLabError
@@ -64,17 +65,28 @@ def test_windows_lie_inside_episodes_left_padded_and_scaled_once():
 def test_episodes_are_drawn_in_proportion_to_their_length():
     lengths = [10, 30, 60]
     episodes, sampler, *_ = sampler_for(lengths)
-    episode = torch.multinomial(
-        sampler.episode_probs, 60_000, replacement=True, generator=torch.Generator().manual_seed(1)
-    )
-    freq = np.bincount(episode.numpy(), minlength=3) / 60_000
-    np.testing.assert_allclose(freq, np.array(lengths) / 100, atol=0.01)
+    freq = np.bincount(drawn_episodes(sampler, episodes, 30_000, seed=1), minlength=3) / 30_000
+    np.testing.assert_allclose(freq, np.array(lengths) / 100, atol=0.015)
     # and the start step is uniform over the episode: pads appear exactly for starts near its end
     batch = sampler.sample(20_000, torch.Generator().manual_seed(2))
     padded = (~batch["mask"]).any(1).float().mean().item()
     # a window is padded when start > L - K; expected share = sum_e p_e * min(K-1, L_e) / L_e
     expected = sum(n / 100 * min(4, n) / n for n in lengths)
     assert abs(padded - expected) < 0.02
+
+
+def test_empty_episodes_are_refused_by_name():
+    with pytest.raises(DTLabError, match="episode 1 has no steps .* drop empty episodes"):
+        episodes_from_dataset(make_dataset([3, 0, 4]))
+    with pytest.raises(DTLabError, match="episode 2 has no steps"):
+        episodes_from_dataset(make_dataset([3, 4, 0]))
+
+
+def test_an_episode_longer_than_the_timestep_table_is_refused():
+    episodes = episodes_from_dataset(make_dataset([5, 9]))
+    WindowSampler(episodes, 4, 0.001, np.zeros(OBS), np.ones(OBS), max_ep_len=9)  # fits exactly
+    with pytest.raises(DTLabError, match="episode 1 has 9 steps, more than .* env.max_ep_len=8 rows"):
+        WindowSampler(episodes, 4, 0.001, np.zeros(OBS), np.ones(OBS), max_ep_len=8)
 
 
 def test_module_splits_whole_episodes_and_normalizes_with_train_stats():
@@ -84,7 +96,14 @@ def test_module_splits_whole_episodes_and_normalizes_with_train_stats():
     )
     dm.setup()
     assert dm.train.num_episodes == 8 and dm.val.num_episodes == 2
-    np.testing.assert_allclose(dm.state_mean, dm.train.observations.mean(0), rtol=1e-5)
+    # which dataset rows went where, found by their first observation
+    first = {tuple(np.asarray(o[0], dtype=np.float32)): e for e, o in enumerate(ds["observations"])}
+    val = {first[tuple(dm.val.observations[s])] for s in dm.val.starts}
+    train = {first[tuple(dm.train.observations[s])] for s in dm.train.starts}
+    assert len(val) == 2 and val.isdisjoint(train) and val | train == set(range(10))
+    train_steps = np.concatenate([np.asarray(ds["observations"][e], dtype=np.float64) for e in sorted(train)])
+    np.testing.assert_allclose(dm.state_mean, train_steps.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dm.state_std, train_steps.std(0) + 1e-6, rtol=1e-5)
     batches = list(dm.val_dataloader())
     assert len(batches) == dm.val_batches
     assert torch.equal(batches[0]["states"], list(dm.val_dataloader())[0]["states"])  # fixed val set

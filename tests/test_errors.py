@@ -48,6 +48,8 @@ BAD_DATA = {
     "inf_action": with_value("actions", 1, 2, np.inf),
     "nan_reward": with_value("rewards", 0, T - 1, np.nan),
     "empty": {"observations": [], "actions": [], "rewards": []},
+    "zero_length_episode": {k: [v[0], v[0][:0], v[1]] for k, v in episodes().items()},
+    "long_episode": {k: [v[0], np.concatenate([v[0], v[1][:11]])] for k, v in episodes().items()},
 }
 FEATURES = Features(
     {
@@ -102,9 +104,22 @@ CASES = {
     "empty_dataset": ("train", data("empty"), 2, "dataset has no episodes: check dataset.path"),
     "context_longer_than_episodes": (
         "train",
-        ["model.context_length=60"],
+        ["model.context_length=1001"],
         2,
-        "context length K=60 exceeds the env's max episode length 50: set model.context_length <= 50",
+        "context length K=1001 exceeds the env's episode limit env.max_ep_len=1000: set model.context_length <= 1000",
+    ),
+    "zero_length_episode": ("train", data("zero_length_episode"), 2, "episode 1 has no steps (1 of 3 episodes are"),
+    "episode_longer_than_the_table": (
+        "train",
+        [*data("long_episode"), "env.max_ep_len=40"],
+        2,
+        "episode 1 has 41 steps, more than the model's timestep table of env.max_ep_len=40 rows: set env.max_ep_len",
+    ),
+    "horizon_longer_than_the_table": (
+        "train",
+        ["env.max_episode_steps=1200"],
+        2,
+        "env.max_episode_steps=1200 reaches timestep 1199, but the model's timestep table has 1000 rows",
     ),
     "unknown_env": ("train", ["env.id=Nope-v0"], 2, "unknown env id 'Nope-v0' (... choose env=halfcheetah"),
     "no_target_returns": ("train", ["target_return.values=[]"], 2, "no target returns given: set target_return"),
@@ -190,7 +205,8 @@ def test_full_traceback_on_request(tmp_path, monkeypatch, capsys):
 # mistakes are told at once: (command, arguments, fragment of the one line).
 BEFORE_LIGHTNING = [
     ("train", ["debug=smoke", "dataset=local", "dataset.path={inputs}/nan_reward.parquet"], "rewards hold NaN"),
-    ("train", ["debug=smoke", "model.context_length=60"], "context length K=60 exceeds"),
+    ("train", ["debug=smoke", "model.context_length=1001"], "context length K=1001 exceeds"),
+    ("train", ["debug=smoke", "dataset=local", "dataset.path={inputs}/zero_length_episode.parquet"], "no steps"),
     ("train", ["debug=smoke", "ckpt_path={inputs}/nope.ckpt"], "nope.ckpt' does not exist"),
     ("train", ["debug=smoke", "ckpt_path=last"], "ckpt_path=last looks for"),
     ("evaluate", ["ckpt_path={inputs}/nope.ckpt"], "nope.ckpt' does not exist"),

@@ -164,3 +164,33 @@ def test_evaluate_needs_the_normalization(tmp_path, make_cfg):
     random_transformers_model().save_pretrained(tmp_path / "hf")
     with pytest.raises(DTLabError, match="no dtlab.json"):
         evaluate(make_cfg(f"hf_model={tmp_path / 'hf'}", "env=halfcheetah", config="evaluate"))
+
+
+def test_an_imported_relu_model_fine_tunes_through_dtmodule(tmp_path):
+    import lightning as L
+    import numpy as np
+
+    from dtlab.data import episodes_from_dataset, episodes_to_dataset
+    from dtlab.datamodule import TrajectoryDataModule
+
+    hf = random_transformers_model(activation_function="relu")
+    imported = from_transformers(hf)
+    mean, std = [0.0] * STATE, [1.0] * STATE
+    module = imported.module(env_id="HalfCheetah-v5", state_mean=mean, state_std=std, reward_scale=0.001)
+    assert module.hparams.activation == "relu" and module.hparams.max_ep_len == MAX_EP_LEN
+    assert max_action_diff(hf, module.model) <= TOL  # the same function before training
+    rng = np.random.default_rng(0)
+    n = 3 * 40
+    data = episodes_to_dataset(
+        rng.normal(size=(n, STATE)), rng.uniform(-1, 1, (n, ACT)), rng.normal(size=n), np.zeros(n, bool), [40] * 3
+    )
+    datamodule = TrajectoryDataModule(episodes_from_dataset(data), MAX_EP_LEN, K, batch_size=4, val_fraction=0)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=datamodule)
+    assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())
+    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    tuned = DTModule.load_from_checkpoint(tmp_path / "tuned.ckpt")
+    assert isinstance(tuned.model.h[0].mlp.act, torch.nn.ReLU)
+    with pytest.raises(DTLabError, match=r"\['activation'\] are the imported model's own"):
+        imported.module(env_id="x", state_mean=mean, state_std=std, reward_scale=0.001, activation="gelu")

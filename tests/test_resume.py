@@ -34,7 +34,7 @@ def fit(out: Path, *overrides: str) -> Path:
 
 def history(out: Path, version: int = 0) -> pd.DataFrame:
     """One row per logged step (train/loss every step, eval/* every N), indexed by step."""
-    rows = pd.read_csv(out / "csv" / f"version_{version}" / "metrics.csv", on_bad_lines="skip")
+    rows = pd.read_csv(out / "csv" / f"version_{version}" / "metrics.csv")
     return rows.drop(columns="epoch").groupby("step").first()
 
 

@@ -9,7 +9,8 @@ import torch
 
 from dtlab import DTLabError
 from dtlab.module import DTModule
-from dtlab.rollout import Policy, normalized_score, resolve_targets, rollout
+from dtlab.policy import Policy
+from dtlab.rollout import normalized_score, resolve_targets, rollout
 from dtlab.train import train
 
 HALFCHEETAH = {

@@ -1,3 +1,5 @@
+import json
+import math
 import subprocess
 import sys
 import time
@@ -7,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from dtlab.data import episodes_from_dataset, episodes_to_dataset
@@ -67,19 +70,71 @@ def test_every_config_composes_and_instantiates(make_cfg, group, option):
 
 
 def test_tiny_fit_through_compose_api(make_cfg, tmp_path):
-    cfg = make_cfg("debug=smoke", "trainer.max_steps=30", "logger=csv")
+    cfg = make_cfg(
+        "debug=smoke",
+        "env.max_episode_steps=20",  # a short evaluation must not shrink the model
+        "trainer.max_steps=25",  # evaluations at 10, 20 and the last step, 25
+        "trainer.log_every_n_steps=1",
+        "model.lr_schedule=cosine",
+        "logger=csv",
+    )
     metrics = train(cfg)
     assert {"train/loss", "val/action_mse", "eval/normalized_score"} <= set(metrics)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     module = DTModule.load_from_checkpoint(ckpt)
     assert module.hparams.env_id == "HalfCheetah-v5" and module.hparams.context_length == 5
+    assert module.hparams.max_ep_len == 1000 and module.model.embed_timestep.weight.shape[0] == 1000
     history = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
-    assert history["train/loss"].notna().sum() >= 5 and history["val/action_mse"].notna().sum() >= 3
+    assert history["train/loss"].notna().sum() == 25 and history["val/action_mse"].notna().sum() == 2
+    evals = history.dropna(subset=["eval/normalized_score"]).set_index("step")["eval/normalized_score"]
+    assert list(evals.index) == [10, 20, 25]
+    # best.ckpt holds the best evaluation's step, the last step's competing too
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["global_step"] == evals.idxmax()
+    # the learning rate: linear warmup over 10 steps, then cosine decay to 0 at step 25
+    lr = history.dropna(subset=["train/lr"]).set_index("step")["train/lr"]
+    base, warmup, total = 1e-4, 10, 25
+    for step, value in lr.items():
+        expected = (
+            base * (step + 1) / warmup
+            if step < warmup
+            else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        )
+        assert value == pytest.approx(expected, rel=1e-6), step
+    assert len(lr) == 25
     # act() on a real observation, from the checkpoint alone
     env = gym.make("HalfCheetah-v5")
     obs, _ = env.reset(seed=0)
     action = module.act(obs[None], np.zeros((1, 6)), np.array([6000.0]), np.array([0]))
     assert action.shape == (6,) and env.action_space.contains(action.astype(np.float32))
+
+
+def test_best_checkpoint_with_only_the_last_evaluation(make_cfg, tmp_path):
+    train(make_cfg("debug=smoke", "eval.every_n_steps=0", "logger=none"))
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["global_step"] == 20
+
+
+def test_small_is_the_papers_model_and_old_checkpoints_act_as_before(make_cfg):
+    model = make_cfg("model=small").model
+    assert (model.activation, model.action_tanh, model.n_layer, model.n_embd, model.context_length) == (
+        "relu",
+        True,
+        3,
+        128,
+        20,
+    )
+    fixture = Path(__file__).parent / "fixtures"
+    path = fixture / "dtlab-0.1.0-smoke.ckpt"
+    assert "activation" not in torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
+    old = DTModule.load_from_checkpoint(path, map_location="cpu")
+    assert isinstance(old.model.h[0].mlp.act, torch.nn.GELU) and old.model.embed_timestep.num_embeddings == 50
+    recorded = json.loads((fixture / "dtlab-0.1.0-smoke-acts.json").read_text())
+    for case in recorded["cases"]:
+        action = old.act(
+            np.array(case["states"]), np.array(case["actions"]), np.array(case["returns_to_go"]), case["timesteps"]
+        )
+        np.testing.assert_allclose(action, case["action"], atol=1e-6)
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -93,7 +148,10 @@ def test_cli_run_with_overrides(tmp_path):
     result = run_cli("debug=smoke", "model.n_embd=16", "data.batch_size=4", f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "checkpoints" / "last.ckpt").is_file()
-    assert (out / "eval" / "return_conditioning_step30.png").is_file() or list((out / "eval").glob("*.png"))
+    assert sorted(p.name for p in (out / "eval").glob("*.png")) == [
+        "return_conditioning_step10.png",
+        "return_conditioning_step20.png",
+    ]
     assert "run dir:" in result.stdout + result.stderr
     assert DTModule.load_from_checkpoint(out / "checkpoints" / "last.ckpt").hparams.n_embd == 16
 

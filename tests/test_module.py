@@ -1,0 +1,61 @@
+"""DTModule: the loss over real steps only, and random streams apart."""
+
+import numpy as np
+import torch
+
+from dtlab.data import BATCHES, WindowSampler, episodes_from_dataset, episodes_to_dataset, stream_seed
+from dtlab.module import DTModule
+
+
+def module() -> DTModule:
+    torch.manual_seed(0)
+    return DTModule(
+        env_id="HalfCheetah-v5",
+        state_dim=3,
+        act_dim=2,
+        max_ep_len=100,
+        state_mean=[0.0] * 3,
+        state_std=[1.0] * 3,
+        reward_scale=0.001,
+        context_length=6,
+        n_layer=1,
+        n_embd=16,
+        dropout=0.0,
+    )
+
+
+def padded_batch() -> dict[str, torch.Tensor]:
+    """Windows from episodes of 2 and 3 steps with K=6: every window is padded."""
+    rng = np.random.default_rng(0)
+    lengths = np.array([2, 3])
+    n = lengths.sum()
+    dataset = episodes_to_dataset(
+        rng.normal(size=(n, 3)), rng.uniform(-1, 1, (n, 2)), rng.normal(size=n), np.zeros(n, bool), lengths
+    )
+    sampler = WindowSampler(episodes_from_dataset(dataset), 6, 0.001, np.zeros(3), np.ones(3), max_ep_len=100)
+    return sampler.windows(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]))
+
+
+def test_pads_are_excluded_from_the_loss():
+    dt, batch = module(), padded_batch()
+    assert (~batch["mask"]).sum() == 4 + 3 + 4
+    loss = dt._action_mse(batch)
+    # a pad's action target is anything at all: the loss must not move
+    wild = {**batch, "actions": batch["actions"].masked_fill(~batch["mask"][..., None], 50.0)}
+    assert torch.equal(dt._action_mse(wild), loss)
+    # and it is the mean over the 7 real steps, each the mean over action dims
+    pred = dt.model(batch["states"], batch["actions"], batch["returns_to_go"], batch["timesteps"], batch["mask"])
+    real = batch["mask"]
+    expected = ((pred[real] - batch["actions"][real]) ** 2).mean(dim=1).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_dropout_masks_are_not_a_function_of_the_batch_draw():
+    dt = module()
+    dt.hparams.seed = 7
+    dt.on_train_batch_start(None, 0)  # seeds dropout for step 0 of rank 0
+    dropout_draw = torch.rand(8)
+    batch_draw = torch.rand(8, generator=torch.Generator().manual_seed(stream_seed(7, 0, 0, BATCHES)))
+    assert not torch.equal(dropout_draw, batch_draw)
+    dt.on_train_batch_start(None, 0)  # and the same step draws the same masks again (resume)
+    assert torch.equal(torch.rand(8), dropout_draw)
