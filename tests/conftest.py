@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from dtlab.train import CONF_DIR  # noqa: E402
+from dtlab.cli import CONF_DIR  # noqa: E402
 
 # And a guard, since a library that goes online anyway (as datasets did when the variable was
 # set after its import) would only show up as a slow test: any connection beyond this machine

@@ -150,6 +150,28 @@ CASES = {
         "was trained with other settings (n_embd=32 there, 16 here): resume with the config it was trained with",
     ),
     "unknown_config_option": ("train", ["model=huge"], 1, "Could not find 'model/huge'"),
+    # config values, checked against dtlab.config's schema before anything else
+    "zero_episodes": ("train", ["eval.episodes=0"], 2, "config: eval.episodes=0 is not allowed: it must be greater"),
+    "zero_batch": ("train", ["data.batch_size=0"], 2, "config: data.batch_size=0 is not allowed: it must be"),
+    "negative_lr": (
+        "train",
+        ["model.learning_rate=-1"],
+        2,
+        "model.learning_rate=-1 is not allowed: it must be greater",
+    ),
+    "heads_do_not_divide": (
+        "train",
+        ["model.n_embd=100", "model.n_head=3"],
+        2,
+        "config: model.n_embd=100 is not divisible by model.n_head=3",
+    ),
+    "seed_not_a_number": ("train", ["seed=abc"], 2, "config: seed='abc' is not allowed: it must be a valid integer"),
+    "val_fraction_above_one": ("train", ["data.val_fraction=1.5"], 2, "data.val_fraction=1.5 is not allowed: it must"),
+    "zero_steps": ("train", ["trainer.max_steps=0"], 2, "config: trainer.max_steps=0 is not allowed: it must be"),
+    "zero_threads": ("train", ["threads=0"], 2, "config: threads=0 is not allowed"),
+    "unknown_activation": ("train", ["model.activation=tanh"], 2, "'tanh' is not allowed: it must be 'relu', 'gelu'"),
+    "misspelled_model_key": ("train", ["+model.n_embed=64"], 2, "model.n_embed is not a key of model (it has ..."),
+    "evaluate_zero_episodes": ("evaluate", [f"ckpt_path={CKPT}", "eval.episodes=0"], 2, "eval.episodes=0 is not"),
     "evaluate_missing_checkpoint": ("evaluate", ["ckpt_path={inputs}/nope.ckpt"], 2, "does not exist: give"),
     "evaluate_corrupt_checkpoint": ("evaluate", ["ckpt_path={inputs}/truncated.ckpt"], 2, "cannot be loaded (..."),
     "evaluate_in_another_env": (

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dtlab import DTLabError
+from dtlab.evaluate import evaluate
 from dtlab.module import DTModule
 from dtlab.policy import Policy
 from dtlab.rollout import normalized_score, resolve_targets, rollout
@@ -113,7 +114,7 @@ def tiny_checkpoint(tmp_path_factory):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from dtlab.train import CONF_DIR
+    from dtlab.cli import CONF_DIR
 
     out = tmp_path_factory.mktemp("run")
     GlobalHydra.instance().clear()
@@ -161,6 +162,33 @@ def test_evaluate_command_end_to_end(tiny_checkpoint, tmp_path):
     assert [e["seed"] for e in report["episodes"]] == [5, 6, 7, 8, 9, 10]
     assert [s["target"] for s in report["summary"]] == [0.0, 500.0] and report["env_id"] == "HalfCheetah-v5"
     assert all(e["length"] == 50 for e in report["episodes"])  # the checkpoint's env config: 50-step episodes
-    assert {"gymnasium", "mujoco"} <= set(report["versions"])
+    assert {"gymnasium", "mujoco"} <= set(report["protocol"]["versions"])
     assert (tmp_path / "return_conditioning.png").is_file()
     assert "normalized" in result.stdout
+
+
+def test_final_evaluation_reports_last_and_best_on_seeds_no_selection_used(tiny_checkpoint, make_cfg):
+    out, metrics = tiny_checkpoint
+    final = json.loads((out / "final_evaluation.json").read_text())["checkpoints"]
+    assert set(final) == {"last", "best"}
+    saved = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    (selection,) = [s["selection_seeds"] for k, s in saved["callbacks"].items() if k.startswith("EvaluationCallback")]
+    assert selection == [0, 3]  # debug=smoke: 2 targets x 2 episodes in training
+    for name, record in final.items():
+        protocol = record["protocol"]
+        assert protocol["checkpoint"].endswith(f"{name}.ckpt") and protocol["step"] == 20
+        assert protocol["episodes_per_target"] == 10 and protocol["targets"] == [6000.0, 12000.0]
+        assert protocol["seeds"] == [10000, 10019] and protocol["seeds_role"] == "reporting"
+        assert {"dtlab", "gymnasium", "mujoco"} <= set(protocol["versions"]) and protocol["env_id"] == "HalfCheetah-v5"
+        seeds = [e["seed"] for e in record["episodes"]]
+        assert len(seeds) == 20 and not set(seeds) & set(range(selection[0], selection[1] + 1))
+        for s in record["summary"]:
+            assert metrics[f"final/{name}/{s['target']:g}/normalized_score"] == pytest.approx(s["normalized_score"])
+    # dtlab.evaluate defaults to the same reporting protocol: on last.ckpt it repeats final/last exactly
+    report = evaluate(make_cfg(f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", config="evaluate"))
+    assert report["protocol"]["seeds"] == [10000, 10019] and report["protocol"]["seeds_role"] == "reporting"
+    assert report["protocol"]["step"] == 20
+    assert [e["return"] for e in report["episodes"]] == [e["return"] for e in final["last"]["episodes"]]
+    # asked for the selection seeds, it says so in the record
+    overlapping = evaluate(make_cfg(f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "eval.seed=0", config="evaluate"))
+    assert overlapping["protocol"]["seeds_role"] == "overlaps selection"

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -7,7 +8,11 @@ import pytest
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from dtlab.cli import CONF_DIR
+from dtlab.config import TrainConfig, check_config
+from dtlab.rollout import check_env
 from dtlab.tracking import read_offline_run
+from dtlab.train import warn_if_d4rl_in_v5
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -22,31 +27,95 @@ def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def sample(spec: dict) -> object:
-    """One value a W&B sweep could pass for a parameter spec."""
+def spec_values(spec: dict) -> list:
+    """Every value a W&B sweep could pass for a parameter spec: each listed value, or a
+    distribution's two ends."""
     if "min" in spec:  # a distribution; PyYAML reads 1e-5 (no dot) as a string, which W&B rejects
         assert all(isinstance(spec[k], int | float) for k in ("min", "max")), spec
-        return spec["min"]
-    return spec["value"] if "value" in spec else spec["values"][0]
+        return [spec["min"], spec["max"]]
+    return [spec["value"]] if "value" in spec else list(spec["values"])
+
+
+def sweep_values(key: str, value: str) -> list[str]:
+    """Every value of one Hydra sweeper parameter (`a,b`, `range(3)`, `choice(...)`), or an
+    interval's two ends."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+
+    override = OverridesParser.create().parse_override(f"{key}={value}")
+    sweep = override.value()
+    if isinstance(sweep, IntervalSweep):
+        return [str(sweep.start), str(sweep.end)]
+    return list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(sweep)]
+
+
+HUB_CONFIGS = {  # what the hub copy has: 3 envs x 3 datasets (no medium-expert: dtlab concatenates it)
+    f"{env}-{data}-v2"
+    for env in ("halfcheetah", "hopper", "walker2d")
+    for data in ("medium", "medium-replay", "expert")
+}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
-def test_wandb_sweep_spec_composes_as_hydra_overrides(path, make_cfg):
+def test_every_value_of_every_wandb_sweep_spec_composes(path, make_cfg):
     spec = yaml.safe_load(path.read_text())
     assert spec["command"][-1] == "${args_no_hyphens}" and "dtlab.train" in spec["command"]
     assert spec["method"] in ("grid", "random", "bayes") and spec["metric"]["name"] == "eval/normalized_score"
-    overrides = [f"{key}={sample(p)}" for key, p in spec["parameters"].items()]
-    cfg = make_cfg(*overrides)  # raises on a key train.yaml does not have
     for key, p in spec["parameters"].items():
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, DictConfig):  # a group choice (dataset=d4rl) selects a whole node
-            assert value == sample(p)
+        for value in spec_values(p):
+            cfg = make_cfg(f"{key}={value}")  # raises on a key or option train.yaml does not have
+            check_config(cfg, TrainConfig)
+            selected = OmegaConf.select(cfg, key)
+            if not isinstance(selected, DictConfig):  # a group choice (dataset=hub/...) selects a whole node
+                assert selected == value
+            assert set(hub_names(cfg)) <= HUB_CONFIGS
+
+
+PRESETS = sorted(
+    (group, path.stem) for group in ("sweep", "hparams_search") for path in (Path(CONF_DIR) / group).glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize(("group", "option"), PRESETS, ids=[f"{g}={o}" for g, o in PRESETS])
+def test_every_value_of_every_multirun_preset_composes(make_cfg, group, option):
+    params = make_cfg(f"{group}={option}").hydra.sweeper.params
+    assert params
+    for key, value in params.items():
+        values = sweep_values(key, str(value))
+        assert values, key
+        for v in values:
+            cfg = make_cfg(f"{group}={option}", f"{key}={v}")
+            check_config(cfg, TrainConfig)
+            assert set(hub_names(cfg)) <= HUB_CONFIGS, (key, v)
+
+
+def hub_names(cfg: DictConfig) -> list[str]:
+    if cfg.dataset.get("_target_") != "dtlab.data.load_hub":
+        return []
+    name = cfg.dataset.name
+    return [name] if isinstance(name, str) else list(name)
+
+
+@pytest.mark.parametrize("path", sorted((Path(CONF_DIR) / "dataset" / "hub").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_hub_preset_names_real_configs_and_builds_its_v4_env(path, make_cfg):
+    cfg = make_cfg(f"dataset=hub/{path.stem}")
+    assert set(hub_names(cfg)) <= HUB_CONFIGS and hub_names(cfg)
+    assert cfg.env.id.endswith("-v4")
+    check_env(cfg.env)  # gymnasium still builds v4, with the dims the env config says
+
+
+def test_d4rl_data_in_a_v5_env_says_what_differs(caplog):
+    for env_id in ("Hopper-v5", "Hopper-v4"):
+        warn_if_d4rl_in_v5("dtlab.data.load_hub", env_id)
+    warn_if_d4rl_in_v5("dtlab.data.load_local", "Walker2d-v5")  # not D4RL data
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "Hopper-v5 no longer pays the healthy reward" in messages[0]
 
 
 def test_presets_and_slurm_launcher_compose(make_cfg):
     seeds = make_cfg("sweep=seeds").hydra.sweeper.params
     assert seeds == {"seed": "range(5)"}
-    assert make_cfg("sweep=datasets").dataset._target_ == "dtlab.data.load_hub"
+    assert make_cfg("sweep=datasets").hydra.sweeper.params.dataset.startswith("hub/halfcheetah-medium,")
     optuna = make_cfg("hparams_search=optuna").hydra.sweeper
     assert optuna.direction == "maximize" and optuna.storage is None
     assert set(optuna.params) == {"model.learning_rate", "model.dropout", "model.context_length", "model"}
@@ -112,3 +181,7 @@ def test_ddp_on_two_cpu_processes_gives_one_run_dir_checkpoint_and_evaluation(tm
     evals = [row["trainer/global_step"] for row in run["history"] if "eval/return_conditioning" in row]
     assert evals == [10, 20]  # one set of rollouts per evaluation, from rank 0
     assert "eval/normalized_score" in run["summary"]
+    # the final evaluation ran once, on rank 0, and reached the one W&B run
+    final = json.loads((out / "final_evaluation.json").read_text())
+    assert set(final["checkpoints"]) == {"last", "best"}
+    assert {"final/last/6000/normalized_score", "final/best/step"} <= set(run["summary"])

@@ -12,9 +12,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from dtlab.cli import CONF_DIR
+from dtlab.config import EvaluateConfig, TrainConfig, check_config
 from dtlab.data import episodes_from_dataset, episodes_to_dataset
 from dtlab.module import DTModule
-from dtlab.train import CONF_DIR, train
+from dtlab.train import train
 
 GROUPS = {
     p.name: sorted(str(f.relative_to(p).with_suffix("")) for f in p.rglob("*.yaml"))
@@ -57,6 +59,7 @@ def test_every_config_composes_and_instantiates(make_cfg, group, option):
     cfg = make_cfg(f"{group}={option}", *NEEDS.get((group, option), []))
     if (group, option) == ("env", "from_dataset"):
         return  # resolving it reads a Minari dataset: instantiated in tests/test_sources.py
+    check_config(cfg, TrainConfig)  # every shipped config passes the schema
     instantiate(cfg.dataset)  # a loader: loading happens in dtlab.train
     instantiate(cfg.data, _partial_=True)(episodes=TWO_EPISODES)
     dims = {"env_id": "x", "state_dim": 17, "act_dim": 6, "max_ep_len": 1000, "reward_scale": 0.001}
@@ -174,3 +177,8 @@ def test_wrong_observation_size_fails_fast_in_one_line(tmp_path):
     )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_evaluate_config_passes_the_schema(make_cfg):
+    check_config(make_cfg("ckpt_path=x.ckpt", config="evaluate"), EvaluateConfig)
+    check_config(make_cfg("ckpt_path=x.ckpt", "env=hopper", config="evaluate"), EvaluateConfig)

@@ -8,8 +8,9 @@ import wandb
 from hydra.utils import instantiate
 
 from dtlab import DTLabError
+from dtlab.cli import PLUGINS, check_plugins
 from dtlab.tracking import read_offline_run
-from dtlab.train import PLUGINS, check_plugins, train
+from dtlab.train import train
 
 
 def offline_runs(run_dir: Path) -> list[Path]:

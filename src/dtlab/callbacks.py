@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,8 +11,9 @@ import lightning as L
 import numpy as np
 import torch
 
+from dtlab.checkpoint import checkpoint_facts, evaluation_due
 from dtlab.policy import Policy
-from dtlab.rollout import resolve_targets, rollout
+from dtlab.rollout import check_seed_ranges, evaluation_record, protocol, resolve_targets, rollout
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +62,20 @@ def write_video(frames: Sequence[np.ndarray], path: Path, fps: int = 20) -> Path
     return path
 
 
-def evaluation_due(step: int, every_n_steps: int, max_steps: int) -> bool:
-    """The in-training evaluation schedule: every `every_n_steps` steps (0: never) and at the
-    last step. best.ckpt (dtlab.checkpoint.BestCheckpoint) is saved on the same schedule."""
-    return (every_n_steps > 0 and step % every_n_steps == 0) or step >= max_steps
-
-
 class EvaluationCallback(L.Callback):
-    """Every `every_n_steps` training steps, and at the last step, run the rollouts in eval mode
-    and log `eval/<target>/return_mean|return_std|normalized_score` and the headline
-    `eval/normalized_score` (the best target's), which ModelCheckpoint can monitor, and
-    `eval/normalized_score_best` (the best so far). Writes the return-conditioning plot (and,
-    with `video`, one MP4 per target) under `output_dir/eval/`, and hands them and a table of
-    the episodes to loggers that take media (W&B: image, `wandb.Video`, `wandb.Table`)."""
+    """In-training evaluation, on the *selection* seeds: every `every_n_steps` training steps,
+    and at the last step, run the rollouts with the current weights in eval mode and log
+    `eval/<target>/return_mean|return_std|normalized_score`, `eval/normalized_score` (the max
+    over targets: what best.ckpt and sweepers select on) and `eval/normalized_score_best` (the
+    best so far). Writes the return-conditioning plot (and, with `video`, one MP4 per target)
+    under `output_dir/eval/`, and hands them and a table of the episodes to loggers that take
+    media (W&B: image, `wandb.Video`, `wandb.Table`).
+
+    The final evaluation, when fit ends, on the *reporting* seeds (`report_seed` on, never
+    used to select anything): `last.ckpt` and `best.ckpt` from `checkpoints_dir`, each read
+    back from its file, `final_episodes` per target, written to
+    `output_dir/final_evaluation.json` with their protocol and logged as
+    `final/{last,best}/<target>/...`. `final_episodes=0` skips it."""
 
     def __init__(
         self,
@@ -85,9 +88,17 @@ class EvaluationCallback(L.Callback):
         vector_mode: str = "sync",
         video: bool = False,
         video_frames: int = 200,
+        final_episodes: int = 10,
+        report_seed: int = 10_000,
+        checkpoints_dir: str | None = None,
     ) -> None:
         self.env, self.target_return = env, target_return
-        self.output_dir = Path(output_dir) / "eval"
+        self.run_dir = Path(output_dir)
+        self.output_dir = self.run_dir / "eval"
+        self.final_episodes, self.report_seed = final_episodes, report_seed
+        self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir else self.run_dir / "checkpoints"
+        self.final: dict | None = None  # the final evaluation's report (on rank 0)
+        self.selection_seeds: list[int] | None = None
         self.episodes, self.seed, self.every_n_steps = episodes, seed, every_n_steps
         self.vector_mode, self.video, self.video_frames = vector_mode, video, video_frames
         self.last: dict | None = None  # the latest rollout result (on rank 0)
@@ -95,14 +106,21 @@ class EvaluationCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Bad target returns fail now, not at the first evaluation hours into the run.
-        resolve_targets(self.target_return, getattr(trainer.datamodule, "episode_returns", None))
+        targets = resolve_targets(self.target_return, getattr(trainer.datamodule, "episode_returns", None))
+        check_seed_ranges(len(targets), self.seed, self.episodes, self.report_seed, self.final_episodes)
+        self.selection_seeds = [self.seed, self.seed + len(targets) * self.episodes - 1]
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.final_episodes > 0 and trainer.is_global_zero:
+            self.final = self.final_evaluation(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if evaluation_due(trainer.global_step, self.every_n_steps, trainer.max_steps):
             self.evaluate(trainer, pl_module)
 
     def state_dict(self) -> dict:
-        return {"best": self.best}
+        # selection_seeds: dtlab.evaluate warns when asked to report on them
+        return {"best": self.best, "selection_seeds": self.selection_seeds}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict["best"]
@@ -127,6 +145,61 @@ class EvaluationCallback(L.Callback):
             self._log_media(trainer, result)
         self.last = result
         return result
+
+    def final_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """last.ckpt and best.ckpt, each read back from its file, on the reporting seeds."""
+        dataset_returns = getattr(trainer.datamodule, "episode_returns", None)
+        targets = resolve_targets(self.target_return, dataset_returns)
+        report = {"kind": "final_evaluation", "checkpoints": {}}
+        metrics = {}
+        for name in ("last", "best"):
+            path = self.checkpoints_dir / f"{name}.ckpt"
+            if not path.is_file():
+                log.warning("final evaluation: %s does not exist, skipped", path)
+                continue
+            saved = type(pl_module).load_from_checkpoint(path, map_location=pl_module.device)
+            step = checkpoint_facts(path)[0]
+            result = rollout(
+                Policy.from_module(saved),
+                self.env,
+                targets,
+                self.final_episodes,
+                seed=self.report_seed,
+                vector_mode=self.vector_mode,
+                progress=trainer.progress_bar_callback is not None,
+            )
+            record = protocol(
+                self.env,
+                targets,
+                self.target_return,
+                self.final_episodes,
+                self.report_seed,
+                str(path),
+                step,
+                "reporting",
+            )
+            report["checkpoints"][name] = evaluation_record(record, result)
+            for s in result["summary"]:
+                for key in ("return_mean", "return_std", "normalized_score"):
+                    metrics[f"final/{name}/{s['target']:g}/{key}"] = s[key]
+            metrics[f"final/{name}/step"] = step
+            log.info(
+                "final evaluation of %s.ckpt (step %d, reporting seeds %d-%d, %d episodes per target): %s",
+                name,
+                step,
+                *record["seeds"],
+                self.final_episodes,
+                ", ".join(
+                    f"target {s['target']:g}: {s['return_mean']:.0f} ({s['normalized_score']:.1f})"
+                    for s in result["summary"]
+                ),
+            )
+        path = self.run_dir / "final_evaluation.json"
+        path.write_text(json.dumps(report, indent=2))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
+        return report
 
     def _rollout(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         dataset_returns = getattr(trainer.datamodule, "episode_returns", None)
@@ -159,9 +232,12 @@ class EvaluationCallback(L.Callback):
         step = trainer.global_step
         summary = result["summary"]
         log.info(
-            "step %d eval: %s",
+            "step %d eval (current weights, selection seeds %d-%d): %s; max over targets %.1f",
             step,
+            self.seed,
+            self.seed + len(result["episodes"]) - 1,
             ", ".join(f"target {s['target']:g}: {s['return_mean']:.0f} ({s['normalized_score']:.1f})" for s in summary),
+            max(s["normalized_score"] for s in summary),
         )
         dataset_returns = getattr(trainer.datamodule, "episode_returns", None)
         plot = plot_return_conditioning(

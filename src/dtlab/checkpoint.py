@@ -19,9 +19,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dtlab import DTLabError
-from dtlab.callbacks import evaluation_due
+from dtlab.cli import find_checkpoint
 from dtlab.module import DTModule
-from dtlab.train import find_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -67,6 +66,23 @@ class Checkpoint(ModelCheckpoint):
     def _save_last(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step:  # not saved at this step yet
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def evaluation_due(step: int, every_n_steps: int, max_steps: int) -> bool:
+    """The in-training evaluation schedule: every `every_n_steps` steps (0: never) and at the
+    last step. best.ckpt (dtlab.checkpoint.BestCheckpoint) is saved on the same schedule."""
+    return (every_n_steps > 0 and step % every_n_steps == 0) or step >= max_steps
+
+
+def checkpoint_facts(path: str) -> tuple[int | None, list[int] | None]:
+    """A dtlab checkpoint's training step, and the env seeds its in-training evaluations used
+    (None for checkpoints that predate the record)."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    selection = None
+    for key, state in saved.get("callbacks", {}).items():
+        if key.startswith("EvaluationCallback") and isinstance(state, dict):
+            selection = state.get("selection_seeds")
+    return saved.get("global_step"), selection
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -1,28 +1,28 @@
 """Evaluate a checkpoint in its env: `python -m dtlab.evaluate ckpt_path=PATH [overrides]`, or a
 transformers DecisionTransformerModel folder: `python -m dtlab.evaluate hf_model=PATH env=ENV`.
 
-Prints a table, and writes `evaluation.json` (every episode, a summary per target, the
-checkpoint, env and library versions) and the return-conditioning plot into the run dir.
+Prints a table, and writes `evaluation.json` (its protocol record: env, seeds, episodes,
+targets, checkpoint and step, versions; every episode; a summary per target) and the
+return-conditioning plot into the run dir. By default on the reporting seeds
+(`eval.report_seed`), which no in-training evaluation uses.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import platform
 from pathlib import Path
 
-import gymnasium
 import hydra
-import mujoco
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from dtlab import DTLabError
+from dtlab.cli import CONF_DIR, find_checkpoint, run_cli
+from dtlab.config import EvaluateConfig, check_config
 from dtlab.hf import from_transformers
 from dtlab.policy import Policy
-from dtlab.rollout import check_env, resolve_targets, rollout
-from dtlab.train import CONF_DIR, find_checkpoint, run_cli
+from dtlab.rollout import check_env, evaluation_record, format_summary, protocol, resolve_targets, rollout
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def load_policy(cfg: DictConfig) -> tuple[Policy, str | None, dict | None, list[
 
 def evaluate(cfg: DictConfig) -> dict:
     """Roll out the checkpoint for every target return; returns the report it writes."""
+    check_config(cfg, EvaluateConfig)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     policy, trained_env_id, trained_in, episode_returns = load_policy(cfg)
@@ -69,9 +70,22 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     check_env(cfg.env)
     from dtlab.callbacks import plot_return_conditioning, write_video  # Lightning: after the checks
+    from dtlab.checkpoint import checkpoint_facts
 
     targets = resolve_targets(cfg.target_return, episode_returns)
     out = Path(cfg.paths.output_dir)
+    step, selection = checkpoint_facts(cfg.ckpt_path) if cfg.ckpt_path is not None else (None, None)
+    n = len(targets) * cfg.eval.episodes
+    role = "reporting"
+    if selection and cfg.eval.seed <= selection[1] and selection[0] <= cfg.eval.seed + n - 1:
+        role = "overlaps selection"
+        log.warning(
+            "env seeds %d-%d overlap the seeds %d-%d that picked this run's best.ckpt during training: scores on "
+            "them are not free of selection (drop eval.seed to use the reporting seeds)",
+            cfg.eval.seed,
+            cfg.eval.seed + n - 1,
+            *selection,
+        )
     result = rollout(
         policy,
         cfg.env,
@@ -81,29 +95,18 @@ def evaluate(cfg: DictConfig) -> dict:
         vector_mode=cfg.eval.vector_mode,
         video_frames=cfg.eval.video_frames if cfg.eval.video else 0,
     )
-    report = {
-        source_key: str(Path(source).resolve()),
-        "env_id": cfg.env.id,
-        "episodes": result["episodes"],
-        "summary": result["summary"],
-        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "gymnasium": gymnasium.__version__,
-            "mujoco": mujoco.__version__,
-        },
-    }
+    record = protocol(
+        cfg.env, targets, cfg.target_return, cfg.eval.episodes, cfg.eval.seed, str(Path(source).resolve()), step, role
+    )
+    report = {source_key: str(Path(source).resolve()), "env_id": cfg.env.id, **evaluation_record(record, result)}
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
     plot_return_conditioning(result["episodes"], episode_returns, out / "return_conditioning.png", cfg.env.id)
     for target, frames in zip(targets, result.get("frames", []), strict=False):
         write_video(frames, out / f"video_target{target:g}.mp4")
 
-    lines = [f"{'target':>10}  {'return (mean +- std)':>22}  {'normalized':>10}  {'episodes':>8}"]
-    for s in result["summary"]:
-        ret = f"{s['return_mean']:.1f} +- {s['return_std']:.1f}"
-        lines.append(f"{s['target']:>10g}  {ret:>22}  {s['normalized_score']:>10.1f}  {s['episodes']:>8}")
-    print("\n".join(lines))
+    label = Path(source).name if step is None else f"{Path(source).name}@{step}"
+    print(f"{source_key}={source}, env seeds {record['seeds'][0]}-{record['seeds'][1]} ({role}):")
+    print(format_summary(result["summary"], label))
     print(f"wrote {out / 'evaluation.json'} and {out / 'return_conditioning.png'}")
     return report
 

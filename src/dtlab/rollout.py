@@ -11,8 +11,10 @@ fall) stops counting; it keeps stepping only so that shapes stay static.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
+import platform
 from collections.abc import Mapping, Sequence
 
 import gymnasium as gym
@@ -204,3 +206,75 @@ def summarize(target: float, returns: np.ndarray, lengths: np.ndarray, env: Mapp
         "length_mean": float(lengths.mean()),
         "episodes": len(returns),
     }
+
+
+def check_seed_ranges(n_targets: int, seed: int, episodes: int, report_seed: int, final_episodes: int) -> None:
+    """The in-training (selection) and final (reporting) evaluations must not share an env
+    seed, or a reported score would be measured on episodes that picked its checkpoint."""
+    selection = range(seed, seed + n_targets * episodes)
+    reporting = range(report_seed, report_seed + n_targets * final_episodes)
+    if final_episodes and selection.start < reporting.stop and reporting.start < selection.stop:
+        raise DTLabError(
+            f"eval.seed={seed} gives in-training env seeds {selection.start}-{selection.stop - 1}, which overlap the "
+            f"final evaluation's {reporting.start}-{reporting.stop - 1} (eval.report_seed={report_seed}): keep the "
+            "ranges apart"
+        )
+
+
+def protocol(
+    env: Mapping,
+    targets: Sequence[float],
+    target_return: Mapping,
+    episodes: int,
+    seed: int,
+    checkpoint: str | None,
+    step: int | None,
+    seeds_role: str,
+) -> dict:
+    """What a score was measured under, stored beside it: env and library versions, the env
+    seeds, episodes per target, the targets and the rule that chose them, the checkpoint and
+    its training step. `seeds_role`: "reporting" (never used to pick anything) or "selection"
+    (the in-training seeds that pick best.ckpt and feed sweepers)."""
+    n = len(targets) * episodes
+    return {
+        "env_id": env["id"],
+        "max_episode_steps": int(env["max_episode_steps"]),
+        "seeds": [seed, seed + n - 1],
+        "seeds_role": seeds_role,
+        "episodes_per_target": episodes,
+        "targets": [float(t) for t in targets],
+        "target_rule": {k: list(target_return.get(k) or []) for k in ("values", "quantiles", "max_multiples")},
+        "checkpoint": checkpoint,
+        "step": step,
+        "versions": {
+            "dtlab": _version("dtlab"),
+            "gymnasium": gym.__version__,
+            "mujoco": mujoco.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def evaluation_record(protocol: dict, result: dict) -> dict:
+    """One evaluation as evaluation.json and each checkpoint of final_evaluation.json hold it:
+    its protocol, every episode, a summary per target."""
+    return {"protocol": protocol, "episodes": result["episodes"], "summary": result["summary"]}
+
+
+def format_summary(summary: Sequence[Mapping], checkpoint: str = "") -> str:
+    """The table every evaluation prints: one row per target (never a max over them)."""
+    lines = [f"{'checkpoint':>10}  {'target':>10}  {'return (mean +- std)':>22}  {'normalized':>10}  {'episodes':>8}"]
+    for s in summary:
+        ret = f"{s['return_mean']:.1f} +- {s['return_std']:.1f}"
+        lines.append(
+            f"{checkpoint:>10}  {s['target']:>10g}  {ret:>22}  {s['normalized_score']:>10.1f}  {s['episodes']:>8}"
+        )
+    return "\n".join(lines)

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import logging
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import hydra
 import torch
-from hydra.errors import InstantiationException
-from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dtlab import DTLabError
+from dtlab.cli import CONF_DIR, CheckOutputDir, check_plugins, find_checkpoint, run_cli  # noqa: F401 - CheckOutputDir: 0.1 configs name it here
+from dtlab.config import TrainConfig, check_config
 from dtlab.data import check_context_length, check_episode_lengths, format_report, load_episodes, minari_env
 from dtlab.policy import check_timesteps
-from dtlab.rollout import check_env
+from dtlab.rollout import check_env, check_seed_ranges, format_summary, resolve_targets
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger(__name__)
 # env=from_dataset reads the env config out of a Minari dataset
 OmegaConf.register_new_resolver("minari_env", minari_env, replace=True)
@@ -30,6 +26,7 @@ OmegaConf.register_new_resolver("minari_env", minari_env, replace=True)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit a DTModule as `cfg` says; returns the final metrics (train/*, val/*, eval/*)."""
+    check_config(cfg, TrainConfig)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Check the env and the data first: bad input fails in seconds, before any model exists
@@ -40,6 +37,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_episode_lengths(episodes, cfg.data.max_ep_len)
     horizon = cfg.env.max_episode_steps
     check_timesteps(horizon - 1, cfg.data.max_ep_len, f"env.max_episode_steps={horizon}", "shorten the evaluations")
+    warn_if_d4rl_in_v5(cfg.dataset.get("_target_"), cfg.env.id)
+    targets = resolve_targets(cfg.target_return, episodes.returns)
+    check_seed_ranges(len(targets), cfg.eval.seed, cfg.eval.episodes, cfg.eval.report_seed, cfg.eval.final_episodes)
     ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.output_dir)
 
     import lightning as L
@@ -102,86 +102,48 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 logger.finish(failed)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    log.info("run dir: %s (checkpoints in %s)", cfg.paths.output_dir, Path(cfg.paths.output_dir) / "checkpoints")
+    run_dir = Path(cfg.paths.output_dir)
+    final = run_dir / "final_evaluation.json"
+    if final.is_file():  # written by the evaluation callback (on rank 0 under DDP)
+        print_final_evaluation(json.loads(final.read_text()))
+    log.info("run dir: %s (checkpoints in %s, final evaluation in %s)", run_dir, run_dir / "checkpoints", final.name)
     return metrics
 
 
-def find_checkpoint(ckpt_path: str | Path, run_dir: str | Path | None = None) -> str:
-    """The checkpoint file `ckpt_path` names, or DTLabError if there is none. Free of
-    Lightning, so that the entry points check the path before they import it.
-
-    `ckpt_path=last` (with the `run_dir` of a run to resume) is that run's `last.ckpt`: resume a
-    run by pointing Hydra at its dir, `hydra.run.dir=OLD_RUN_DIR ckpt_path=last`, and the run
-    goes on writing there."""
-    if ckpt_path == "last" and run_dir is not None:
-        last = Path(run_dir) / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise DTLabError(
-                f"ckpt_path=last looks for {last}, which does not exist: resume a run with "
-                "hydra.run.dir=OLD_RUN_DIR ckpt_path=last, or give ckpt_path=PATH"
-            )
-        return str(last)
-    if not Path(ckpt_path).is_file():
-        raise DTLabError(
-            f"checkpoint {str(ckpt_path)!r} does not exist: give ckpt_path=PATH to a .ckpt written by dtlab.train"
-        )
-    return str(ckpt_path)
-
-
-def run_cli(task, cfg: DictConfig):  # noqa: ANN001, ANN201 - a thin wrapper around any entry point
-    """Run an entry point, turning DTLabError into one line on stderr and exit code 2 (the
-    full traceback with HYDRA_FULL_ERROR=1)."""
-    try:
-        return task(cfg)
-    except (DTLabError, InstantiationException) as e:
-        # instantiate() wraps what a constructor raises (e.g. TrajectoryDataModule's K check)
-        error = e if isinstance(e, DTLabError) else e.__cause__
-        if not isinstance(error, DTLabError) or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"dtlab: error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-# Overrides that select a Hydra plugin, its module and its package (all in the [sweeps] extra)
-PLUGINS = {
-    "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
-    "hydra/launcher=submitit": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
-    "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+# D4RL's v2 data was collected in the v3 MuJoCo envs; gymnasium's v4 keeps their models and
+# rewards on the mujoco bindings, v5 changed these (gymnasium's v5 release notes).
+D4RL_LOADERS = ("dtlab.data.load_hub", "dtlab.data.load_hdf5")
+V5_DIFFERS = {
+    "HalfCheetah": "HalfCheetah-v5's dynamics and reward are v3's, so scores compare",
+    "Hopper": "Hopper-v5 no longer pays the healthy reward on the final, unhealthy step",
+    "Walker2d": "Walker2d-v5 changed one foot's friction, so the dynamics differ",
 }
 
 
-def check_plugins(args: list[str]) -> None:
-    """Name a missing plugin in one line; Hydra's own error is a page about its defaults list."""
-    for arg in args:
-        for override, (module, package) in PLUGINS.items():
-            if arg.startswith(override) and importlib.util.find_spec(module) is None:
-                raise DTLabError(f"{arg} needs {package}: pip install 'dtlab[sweeps]' (or pip install {package})")
+def warn_if_d4rl_in_v5(loader: str | None, env_id: str) -> None:
+    """One warning when D4RL data (collected in v3) is scored in a v5 env, saying what differs."""
+    name, _, version = env_id.rpartition("-")
+    if loader in D4RL_LOADERS and version == "v5":
+        log.warning(
+            "D4RL data (collected in %s-v3) is scored in %s: %s; env=%s-v4 is the env it comes from",
+            name,
+            env_id,
+            V5_DIFFERS.get(name, "the env differs from v3"),
+            name.lower(),
+        )
 
 
-def check_writable(dir_key: str, cfg: DictConfig) -> None:
-    """Create the output dir `cfg.<dir_key>` and write a file into it, or raise DTLabError."""
-    path = OmegaConf.select(cfg, dir_key)
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise DTLabError(
-            f"output dir {path!r} cannot be written ({e.strerror}): choose another with {dir_key}=DIR"
-        ) from None
-
-
-class CheckOutputDir(Callback):
-    """A Hydra callback (conf: hydra.callbacks): Hydra creates the run dir before our code
-    runs, and its own error when it cannot is a traceback; this says it in one line first."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
-        run_cli(lambda cfg: check_writable("hydra.run.dir", cfg), config)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
-        run_cli(lambda cfg: check_writable("hydra.sweep.dir", cfg), config)
+def print_final_evaluation(report: dict) -> None:
+    checkpoints = report["checkpoints"]
+    if not checkpoints:
+        return
+    record = next(iter(checkpoints.values()))["protocol"]
+    print(
+        f"final evaluation: env seeds {record['seeds'][0]}-{record['seeds'][1]} (reporting: no in-training "
+        f"evaluation used them), {record['episodes_per_target']} episodes per target"
+    )
+    tables = [format_summary(c["summary"], f"{name}@{c['protocol']['step']}") for name, c in checkpoints.items()]
+    print("\n".join([tables[0], *(t.split("\n", 1)[1] for t in tables[1:])]))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -1,0 +1,168 @@
+"""The config's schema: every key dtlab reads, its type and the values allowed, declared once.
+
+`check_config` runs first in `dtlab.train` and `dtlab.evaluate`, before any data, model or
+Lightning exists, and turns the first bad value into one line that names the key, the value
+and what is allowed (exit 2). A group's keys are the arguments of what it instantiates
+(`model` -> DTModule, `data` -> TrajectoryDataModule, ...), so a key added to the code is
+added here too; `tests/test_train.py` checks every shipped config against this schema.
+Keys that belong to other libraries (Lightning's Trainer, loggers, Hydra) pass through,
+except the few dtlab relies on.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dtlab import DTLabError
+
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class _Group(BaseModel):
+    """A config group whose keys are all known: a typo is an error, not a silently unused key."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, populate_by_name=True)
+    target: str | None = Field(None, alias="_target_")
+    partial: bool | None = Field(None, alias="_partial_")
+    convert: str | None = Field(None, alias="_convert_")
+
+
+class _Open(BaseModel):
+    """A group that also holds keys of another library (Lightning's Trainer): checked where
+    dtlab depends on them, passed through otherwise."""
+
+    model_config = ConfigDict(extra="allow", strict=False)
+
+
+class Model(_Group):  # dtlab.module.DTModule
+    n_layer: Positive
+    n_head: Positive
+    n_embd: Positive
+    context_length: Positive
+    dropout: Fraction
+    activation: Literal["relu", "gelu", "gelu_tanh"] = "gelu"
+    action_tanh: bool = True
+    learning_rate: Annotated[float, Field(gt=0.0)]
+    weight_decay: Annotated[float, Field(ge=0.0)]
+    betas: tuple[Fraction, Fraction]
+    warmup_steps: NonNegative
+    lr_schedule: Literal["constant", "cosine"]
+    compile: bool
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> Model:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
+                "each head gets n_embd / n_head dims"
+            )
+        return self
+
+
+class Data(_Group):  # dtlab.datamodule.TrajectoryDataModule
+    max_ep_len: Positive
+    context_length: Positive
+    batch_size: Positive
+    reward_scale: Annotated[float, Field(gt=0.0)]
+    val_fraction: Fraction
+    val_batches: Positive
+    seed: NonNegative
+    ref_scores: tuple[float, float] | None = None
+
+
+class Eval(_Group):  # dtlab.callbacks.EvaluationCallback, dtlab.evaluate
+    episodes: Positive  # per target return
+    seed: NonNegative
+    every_n_steps: NonNegative  # 0: only at the last step
+    final_episodes: NonNegative  # 0: no final evaluation
+    report_seed: NonNegative
+    vector_mode: Literal["sync", "async"]
+    video: bool
+    video_frames: Positive
+
+
+class Env(_Open):  # conf/env/*.yaml
+    id: str
+    obs_dim: Positive
+    act_dim: Positive
+    max_episode_steps: Positive
+    max_ep_len: Positive | None = None
+    ref_min_score: float
+    ref_max_score: float
+    target_returns: list[float] = []
+
+    @model_validator(mode="after")
+    def _reference_order(self) -> Env:
+        if self.ref_max_score <= self.ref_min_score:
+            raise ValueError(
+                f"env.ref_max_score={self.ref_max_score} must exceed env.ref_min_score={self.ref_min_score}"
+            )
+        return self
+
+
+class Trainer(_Open):  # lightning.pytorch.Trainer: the keys dtlab's data stream and schedules rely on
+    max_steps: Positive  # the batch stream is endless: -1 (Lightning's "no limit") would never end
+    val_check_interval: Positive | Annotated[float, Field(gt=0.0, le=1.0)]
+    log_every_n_steps: Positive
+    gradient_clip_val: Annotated[float, Field(ge=0.0)] | None = None
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=False)
+    seed: NonNegative = 0
+    threads: Positive | None = None
+    eval: Eval
+
+
+class TrainConfig(_Command):  # conf/train.yaml
+    env: Env
+    model: Model
+    data: Data
+    trainer: Trainer
+
+
+class EvaluateConfig(_Command):  # conf/evaluate.yaml
+    env: Env | None = None
+
+
+def check_config(cfg: DictConfig, schema: type[BaseModel] = TrainConfig) -> None:
+    """Raise DTLabError naming the first key of `cfg` that `schema` does not allow."""
+    groups = {}
+    for name in schema.model_fields:
+        if name in cfg:
+            node = cfg[name]
+            groups[name] = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    try:
+        schema.model_validate(groups)
+    except ValidationError as e:
+        raise DTLabError(_one_line(e.errors()[0], groups)) from None
+
+
+def _one_line(error: dict, given: dict) -> str:
+    # The key path: the error's location as far as it indexes the config (a union adds the
+    # name of the type it tried, e.g. `int`, which is no key).
+    path, value = [], given
+    for part in error["loc"]:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            break
+        path.append(str(part))
+    key = ".".join(path)
+    if error["type"] == "value_error":  # a check across keys: its message names them
+        return f"config: {error['msg'].removeprefix('Value error, ')}"
+    if error["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in error["loc"])
+        group = given.get(path[0], {}) if path else {}
+        known = sorted(k for k in group if not k.startswith("_") and k != error["loc"][-1])
+        return f"config: {key} is not a key of {path[0]} (it has {', '.join(known)}): check the spelling"
+    if error["type"] == "missing":
+        key = ".".join(str(p) for p in error["loc"])
+        return f"config: {key} is missing: set it with {key}=VALUE"
+    allowed = error["msg"].replace("Input should be", "it must be", 1)
+    return f"config: {key}={value!r} is not allowed: {allowed}"
