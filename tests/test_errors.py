@@ -127,7 +127,7 @@ CASES = {
         "train",
         ["target_return=custom", "target_return.values=[6000,high]"],
         2,
-        "target return 'high' is not a finite number: give numbers",
+        "config: target_return.values.1='high' is not allowed: it must be a valid number",
     ),
     "output_dir_not_writable": (
         "train",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -99,6 +100,10 @@ class EvaluationCallback(L.Callback):
         self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir else self.run_dir / "checkpoints"
         self.final: dict | None = None  # the final evaluation's report (on rank 0)
         self.selection_seeds: list[int] | None = None
+        # Kept in checkpoints, so that a resumed run's record covers all of it: the fit's wall
+        # time before this launch, and every in-training evaluation's summary.
+        self.elapsed, self.launched = 0.0, None
+        self.history: list[dict] = []
         self.episodes, self.seed, self.every_n_steps = episodes, seed, every_n_steps
         self.vector_mode, self.video, self.video_frames = vector_mode, video, video_frames
         self.last: dict | None = None  # the latest rollout result (on rank 0)
@@ -110,9 +115,16 @@ class EvaluationCallback(L.Callback):
         check_seed_ranges(len(targets), self.seed, self.episodes, self.report_seed, self.final_episodes)
         self.selection_seeds = [self.seed, self.seed + len(targets) * self.episodes - 1]
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.launched = time.monotonic()
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.final_episodes > 0 and trainer.is_global_zero:
             self.final = self.final_evaluation(trainer, pl_module)
+
+    def wall_time(self) -> float:
+        """Seconds of fit (training and evaluations) over every launch of this run so far."""
+        return self.elapsed + (time.monotonic() - self.launched if self.launched is not None else 0.0)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if evaluation_due(trainer.global_step, self.every_n_steps, trainer.max_steps):
@@ -120,10 +132,17 @@ class EvaluationCallback(L.Callback):
 
     def state_dict(self) -> dict:
         # selection_seeds: dtlab.evaluate warns when asked to report on them
-        return {"best": self.best, "selection_seeds": self.selection_seeds}
+        return {
+            "best": self.best,
+            "selection_seeds": self.selection_seeds,
+            "elapsed": self.wall_time(),
+            "history": self.history,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict["best"]
+        self.elapsed = state_dict.get("elapsed", 0.0)
+        self.history = state_dict.get("history", [])
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
         """Roll out on rank 0 and log on every rank; returns the rollout result on rank 0.
@@ -144,12 +163,13 @@ class EvaluationCallback(L.Callback):
         if result:
             self._log_media(trainer, result)
         self.last = result
+        self.history.append({"step": trainer.global_step, **metrics})
         return result
 
     def final_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """last.ckpt and best.ckpt, each read back from its file, on the reporting seeds."""
         dataset_returns = getattr(trainer.datamodule, "episode_returns", None)
-        targets = resolve_targets(self.target_return, dataset_returns)
+        targets = resolve_targets(self.target_return, dataset_returns, final=True)
         report = {"kind": "final_evaluation", "checkpoints": {}}
         metrics = {}
         for name in ("last", "best"):
@@ -194,6 +214,18 @@ class EvaluationCallback(L.Callback):
                     for s in result["summary"]
                 ),
             )
+        report |= {
+            "steps": trainer.global_step,
+            "wall_time_s": self.wall_time(),
+            "data_returns": None  # the behaviour's episode returns
+            if dataset_returns is None
+            else {
+                "min": float(np.min(dataset_returns)),
+                "max": float(np.max(dataset_returns)),
+                "mean": float(np.mean(dataset_returns)),
+            },
+            "history": self.history,
+        }
         path = self.run_dir / "final_evaluation.json"
         path.write_text(json.dumps(report, indent=2))
         for logger in trainer.loggers:

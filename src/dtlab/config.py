@@ -53,6 +53,7 @@ class Model(_Group):  # dtlab.module.DTModule
     warmup_steps: NonNegative
     lr_schedule: Literal["constant", "cosine"]
     compile: bool
+    policy: Literal["dt", "mlp_bc"] = "dt"  # conf/algo/
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> Model:
@@ -73,6 +74,7 @@ class Data(_Group):  # dtlab.datamodule.TrajectoryDataModule
     val_batches: Positive
     seed: NonNegative
     ref_scores: tuple[float, float] | None = None
+    top_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
 
 class Eval(_Group):  # dtlab.callbacks.EvaluationCallback, dtlab.evaluate
@@ -84,6 +86,14 @@ class Eval(_Group):  # dtlab.callbacks.EvaluationCallback, dtlab.evaluate
     vector_mode: Literal["sync", "async"]
     video: bool
     video_frames: Positive
+
+
+class TargetReturn(_Group):  # conf/target_return/*.yaml, read by dtlab.rollout.resolve_targets
+    values: list[float] = []  # raw returns
+    quantiles: list[Annotated[float, Field(ge=0.0, le=1.0)]] = []  # of the data's episode returns
+    max_multiples: list[Annotated[float, Field(gt=0.0)]] = []  # of the data's best episode return
+    final_sweep_points: NonNegative = 0  # final evaluation only: targets across the data's range
+    final_sweep_top: Annotated[float, Field(gt=0.0)] = 1.2  # ... up to this multiple of its best
 
 
 class Env(_Open):  # conf/env/*.yaml
@@ -119,7 +129,13 @@ class _Command(BaseModel):
     eval: Eval
 
 
+class Algo(_Group):  # conf/algo/*.yaml
+    name: str
+
+
 class TrainConfig(_Command):  # conf/train.yaml
+    algo: Algo
+    target_return: TargetReturn
     env: Env
     model: Model
     data: Data
@@ -128,6 +144,11 @@ class TrainConfig(_Command):  # conf/train.yaml
 
 class EvaluateConfig(_Command):  # conf/evaluate.yaml
     env: Env | None = None
+
+
+class EvaluateTargets(BaseModel):  # dtlab.evaluate, once the env is known (paper targets are the env's)
+    model_config = ConfigDict(extra="allow")
+    target_return: TargetReturn
 
 
 def check_config(cfg: DictConfig, schema: type[BaseModel] = TrainConfig) -> None:

@@ -462,6 +462,20 @@ class WindowSampler:
         return windows(self.states, self.actions, self.returns_to_go, self.starts[episode], start, count, self.K)
 
 
+def top_episodes(episodes: Episodes, fraction: float) -> np.ndarray:
+    """%BC's data (the DT reference code's `pct_traj` rule): the highest-return episodes, taken
+    from the best down while their total length stays within `fraction` of all transitions
+    (at least the best one). Returns their ids, in dataset order."""
+    if fraction >= 1.0:
+        return np.arange(episodes.num_episodes)
+    budget = max(int(fraction * episodes.lengths.sum()), 1)
+    order = np.argsort(episodes.returns, kind="stable")[::-1]  # best first
+    taken = np.cumsum(episodes.lengths[order])
+    # the best episode always, then each next one while the running total fits the budget
+    keep = 1 + int(np.argmax(taken[1:] > budget)) if (taken[1:] > budget).any() else len(order)
+    return np.sort(order[:keep])
+
+
 # Random streams of a training step, each seeded by (seed, rank, step, stream) alone.
 BATCHES, DROPOUT = 0, 1
 
@@ -474,13 +488,20 @@ def stream_seed(seed: int, rank: int, step: int, stream: int = BATCHES) -> int:
     return int(np.random.SeedSequence([seed, rank, step, stream]).generate_state(1)[0])
 
 
-def dataset_report(episodes: Episodes, ref_scores: Sequence[float] | None = None) -> list[dict]:
-    """One row per source (and one for all, when there are several): what was loaded."""
+def dataset_report(
+    episodes: Episodes, ref_scores: Sequence[float] | None = None, kept: np.ndarray | None = None, kept_name: str = ""
+) -> list[dict]:
+    """One row per source (and one for all, when there are several): what was loaded; and one
+    for the episodes `kept` for training (%BC's top fraction), named `kept_name`."""
     returns = episodes.returns
     names = list(dict.fromkeys(episodes.sources))
     rows = []
-    for name in [*names, "all"] if len(names) > 1 else names:
-        of = np.ones(len(returns), dtype=bool) if name == "all" else episodes.sources == name
+    selections = [(name, episodes.sources == name) for name in names]
+    if len(names) > 1:
+        selections.append(("all", np.ones(len(returns), dtype=bool)))
+    if kept is not None:
+        selections.append((kept_name, np.isin(np.arange(len(returns)), kept)))
+    for name, of in selections:
         r, n = returns[of], episodes.lengths[of]
         row = {
             "source": str(name),

@@ -20,6 +20,7 @@ from dtlab.data import (
     check_context_length,
     dataset_report,
     stream_seed,
+    top_episodes,
 )
 
 VAL_STREAM = 2**31 - 1  # the "rank" whose batch stream is the validation set
@@ -48,7 +49,8 @@ class _Batches(IterableDataset):
 class TrajectoryDataModule(L.LightningDataModule):
     """Serves training windows and a held-out validation set of whole episodes.
 
-    After `setup()`: `state_mean`, `state_std`, `train` and `val` (Episodes),
+    After `setup()`: `state_mean`, `state_std`, `train` and `val` (Episodes), `trained_on`
+    (the training episodes windows are drawn from: `train`, or its top fraction),
     `episode_returns` (all episodes) and `report` are available."""
 
     def __init__(
@@ -62,16 +64,20 @@ class TrajectoryDataModule(L.LightningDataModule):
         val_batches: int = 8,
         seed: int = 0,
         ref_scores: Sequence[float] | None = None,
+        top_fraction: float = 1.0,
     ) -> None:
         """episodes: loaded and checked by `dtlab.data.load_episodes`. max_ep_len: rows of the
         model's timestep table (env.max_ep_len). ref_scores: the env's (random, expert)
-        reference returns, for the dataset report's normalized mean."""
+        reference returns, for the dataset report's normalized mean. top_fraction: train on
+        the highest-return episodes holding this share of the transitions (%BC, any algorithm;
+        1.0: all); state statistics and validation still come from the whole training split,
+        as in the reference code."""
         super().__init__()
         check_context_length(context_length, max_ep_len)
         self.episodes, self.max_ep_len = episodes, max_ep_len
         self.context_length, self.batch_size = context_length, batch_size
         self.reward_scale, self.val_fraction, self.val_batches = reward_scale, val_fraction, val_batches
-        self.seed, self.ref_scores = seed, ref_scores
+        self.seed, self.ref_scores, self.top_fraction = seed, ref_scores, top_fraction
         self.train: Episodes | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -79,15 +85,19 @@ class TrajectoryDataModule(L.LightningDataModule):
             return
         episodes = self.episodes
         self.episode_returns = episodes.returns
-        self.report = dataset_report(episodes, self.ref_scores)
         order = np.random.default_rng(self.seed).permutation(episodes.num_episodes)
         E = episodes.num_episodes
         n_val = min(max(round(self.val_fraction * E), 1), E - 1) if self.val_fraction > 0 and E > 1 else 0
-        self.val, self.train = episodes.select(np.sort(order[:n_val])), episodes.select(np.sort(order[n_val:]))
+        train_ids = np.sort(order[n_val:])
+        self.val, self.train = episodes.select(np.sort(order[:n_val])), episodes.select(train_ids)
         self.state_mean = self.train.observations.mean(axis=0)
         # +1e-6 as in the DT reference code: constant dimensions must not divide by zero
         self.state_std = self.train.observations.std(axis=0) + 1e-6
-        self._train_sampler = self._sampler(self.train)
+        kept = top_episodes(self.train, self.top_fraction)  # ids within the training split
+        self.trained_on = self.train.select(kept)
+        name = f"top {self.top_fraction:g} of train" if self.top_fraction < 1 else None
+        self.report = dataset_report(episodes, self.ref_scores, train_ids[kept] if name else None, name or "")
+        self._train_sampler = self._sampler(self.trained_on)
 
     def _sampler(self, episodes: Episodes) -> WindowSampler:
         return WindowSampler(

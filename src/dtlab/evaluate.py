@@ -19,7 +19,7 @@ from omegaconf import DictConfig, open_dict
 
 from dtlab import DTLabError
 from dtlab.cli import CONF_DIR, find_checkpoint, run_cli
-from dtlab.config import EvaluateConfig, check_config
+from dtlab.config import EvaluateConfig, EvaluateTargets, check_config
 from dtlab.hf import from_transformers
 from dtlab.policy import Policy
 from dtlab.rollout import check_env, evaluation_record, format_summary, protocol, resolve_targets, rollout
@@ -69,6 +69,7 @@ def evaluate(cfg: DictConfig) -> dict:
             f"but {cfg.env.id} has {cfg.env.obs_dim} and {cfg.env.act_dim}: choose the env it was trained in"
         )
     check_env(cfg.env)
+    check_config(cfg, EvaluateTargets)
     from dtlab.callbacks import plot_return_conditioning, write_video  # Lightning: after the checks
     from dtlab.checkpoint import checkpoint_facts
 

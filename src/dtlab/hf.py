@@ -207,6 +207,8 @@ def to_transformers(module_or_model: torch.nn.Module, out_dir: str | Path | None
     (K, and for a DTModule its env id, state mean/std and reward scale)."""
     transformers = _transformers()
     model = module_or_model if isinstance(module_or_model, DecisionTransformer) else module_or_model.model
+    if not isinstance(model, DecisionTransformer):
+        raise DTLabError(f"only a Decision Transformer converts to transformers, not a {type(model).__name__}")
     c = model.config
     hf_config = transformers.DecisionTransformerConfig(
         state_dim=c.state_dim,

@@ -4,7 +4,8 @@ Each timestep t contributes three tokens, interleaved R_1, s_1, a_1, R_2, s_2, a
 (R = return-to-go). A causal GPT over the 3K tokens predicts action a_t from the hidden
 state of token s_t, which has seen R_1..R_t, s_1..s_t and a_1..a_{t-1}.
 
-Usable without Lightning or Hydra:
+MLPBC, the behaviour-cloning baseline, takes the same inputs and config. Usable without
+Lightning or Hydra:
 
     model = DecisionTransformer(DTConfig(state_dim=17, act_dim=6))
     actions = model(states, actions, returns_to_go, timesteps, mask)  # (B, K, act_dim)
@@ -196,18 +197,77 @@ class DecisionTransformer(nn.Module):
         return torch.tanh(out) if self.config.action_tanh else out
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """Two AdamW groups, minGPT's split: weight decay on Linear weight matrices; none on
-        biases, LayerNorm parameters and the timestep embedding table. (The DT reference code,
-        kzl/decision-transformer, decays every parameter alike; with its 1e-4 the difference is
-        small, but it is a difference.)"""
-        decay, no_decay = [], []
-        for module in self.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if isinstance(module, nn.Linear) and name == "weight":
-                    decay.append(p)
-                else:
-                    no_decay.append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return parameter_groups(self, weight_decay)
+
+
+class MLPBC(nn.Module):
+    """Behaviour cloning as the DT reference code's MLPBCModel (kzl/decision-transformer): an
+    MLP over the last K normalized states, n_layer Linear layers of n_embd units, ReLU and
+    dropout between them, tanh on the action. It reads no returns-to-go and no past actions,
+    so its return-conditioning curve is flat by construction.
+
+    Called like DecisionTransformer. For (B, K, act_dim) outputs, the action at window
+    position k is predicted from states k-K+1 .. k of the window, zeros before its start (so
+    a training window teaches every position, as the DT's does); at acting time
+    (last_only) that is exactly the last K states."""
+
+    def __init__(self, config: DTConfig) -> None:
+        super().__init__()
+        self.config = config
+        K, H = config.context_length, config.n_embd
+        layers: list[nn.Module] = [nn.Linear(K * config.state_dim, H)]
+        for _ in range(config.n_layer - 1):
+            layers += [nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(H, H)]
+        layers += [nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(H, config.act_dim)]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        returns_to_go: torch.Tensor,
+        timesteps: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Inputs as DecisionTransformer.forward; actions, returns_to_go and timesteps are
+        ignored. Returns (B, K, act_dim), or (B, act_dim) with last_only."""
+        B, T, S = states.shape
+        K = self.config.context_length
+        if mask is not None:
+            states = states.masked_fill(~mask[..., None], 0.0)
+        padded = F.pad(states, (0, 0, K - 1, 0))  # (B, K-1+T, S): zeros before the window
+        if last_only:
+            x = padded[:, -K:].reshape(B, K * S)  # (B, K*S): the last K states
+            return self._head(self.mlp(x))  # (B, act_dim)
+        x = padded.unfold(1, K, 1)  # (B, T, S, K): the K states up to each position
+        x = x.permute(0, 1, 3, 2).reshape(B, T, K * S)  # (B, T, K*S), oldest state first
+        return self._head(self.mlp(x))  # (B, T, act_dim)
+
+    def _head(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(out) if self.config.action_tanh else out
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        return parameter_groups(self, weight_decay)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups, minGPT's split: weight decay on Linear weight matrices; none on
+    biases, LayerNorm parameters and the timestep embedding table. (The DT reference code,
+    kzl/decision-transformer, decays every parameter alike; with its 1e-4 the difference is
+    small, but it is a difference.)"""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, nn.Linear) and name == "weight":
+                decay.append(p)
+            else:
+                no_decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+# The policy networks DTModule can train (its `policy` argument); the rollout calls any of them.
+POLICIES = {"dt": DecisionTransformer, "mlp_bc": MLPBC}

@@ -1,4 +1,5 @@
-"""DTModule: the Decision Transformer as a Lightning system (loss, optimizer, schedule, logging).
+"""DTModule: a policy network as a Lightning system (loss, optimizer, schedule, logging): the
+Decision Transformer, or the behaviour-cloning MLP trained the same way (`policy`).
 
 Everything a policy needs travels in the checkpoint (state mean/std, reward scale, K, env id
 and dims), so `DTModule.load_from_checkpoint(path)` alone gives a working `act()`.
@@ -15,7 +16,7 @@ import torch
 
 from dtlab import DTLabError
 from dtlab.data import DROPOUT, stream_seed
-from dtlab.model import DecisionTransformer, DTConfig
+from dtlab.model import MLPBC, POLICIES, DecisionTransformer, DTConfig
 from dtlab.policy import Policy, check_timesteps, windows
 
 
@@ -43,6 +44,7 @@ class DTModule(L.LightningModule):
         lr_schedule: str = "constant",
         compile: bool = False,
         seed: int = 0,
+        policy: str = "dt",
     ) -> None:
         """Dims, env and normalization come from the env config and the data; the rest are the
         DT paper's hyperparameters (Chen et al. 2021, Table 8), its defaults, except
@@ -51,7 +53,10 @@ class DTModule(L.LightningModule):
         paper's "relu".
         lr_schedule: "constant" (linear warmup, then constant, as the paper) or "cosine"
         (linear warmup, then cosine decay to 0 at trainer.max_steps).
-        seed: the run's seed; the dropout masks of a training step are drawn from it."""
+        seed: the run's seed; the dropout masks of a training step are drawn from it.
+        policy: the network, "dt" (DecisionTransformer) or "mlp_bc" (MLPBC, behaviour cloning:
+        n_layer, n_embd, dropout and K size its MLP); both are trained the same way, by MSE on
+        the dataset's actions at every real step of the window (conf/algo/)."""
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
             raise DTLabError(f"model.lr_schedule={lr_schedule!r} is unknown: use constant or cosine")
@@ -72,7 +77,9 @@ class DTModule(L.LightningModule):
             activation=activation,
             action_tanh=action_tanh,
         )
-        self.model = DecisionTransformer(self.config)
+        if policy not in POLICIES:
+            raise DTLabError(f"model.policy={policy!r} is unknown: use one of {sorted(POLICIES)}")
+        self.model: DecisionTransformer | MLPBC = POLICIES[policy](self.config)
         if compile:
             self.model.compile()
         self.register_buffer("state_mean", torch.tensor(state_mean, dtype=torch.float32))

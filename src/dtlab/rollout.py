@@ -65,27 +65,35 @@ def normalized_score(returns: np.ndarray | float, env: Mapping) -> np.ndarray | 
     return 100.0 * (returns - env["ref_min_score"]) / (env["ref_max_score"] - env["ref_min_score"])
 
 
-def resolve_targets(target_return: Mapping, episode_returns: Sequence[float] | None = None) -> list[float]:
+def resolve_targets(
+    target_return: Mapping, episode_returns: Sequence[float] | None = None, final: bool = False
+) -> list[float]:
     """Raw target returns from a `target_return` config: its `values`, plus `quantiles` of the
-    dataset's episode returns, plus `max_multiples` of their maximum."""
+    dataset's episode returns, plus `max_multiples` of their maximum; and, for the final
+    evaluation (`final`), `final_sweep_points` targets evenly from the data's lowest episode
+    return to `final_sweep_top` x its highest (target_return=sweep: return calibration)."""
     values = list(target_return.get("values") or [])
     quantiles = list(target_return.get("quantiles") or [])
     multiples = list(target_return.get("max_multiples") or [])
+    sweep = int(target_return.get("final_sweep_points") or 0) if final else 0
     for v in (*values, *quantiles, *multiples):
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise DTLabError(
                 f"target return {v!r} is not a finite number: give numbers, e.g. target_return.values=[3000,6000]"
             )
-    if (quantiles or multiples) and (episode_returns is None or len(episode_returns) == 0):
-        raise DTLabError("target_return=dataset needs the training data's episode returns, and none are known")
+    if (quantiles or multiples or sweep) and (episode_returns is None or len(episode_returns) == 0):
+        raise DTLabError("targets relative to the data need its episode returns, and none are known")
     targets = [float(v) for v in values]
     if quantiles:
         targets += [float(q) for q in np.quantile(np.asarray(episode_returns), quantiles)]
     if multiples:
         targets += [float(m * np.max(episode_returns)) for m in multiples]
+    if sweep:
+        top = float(target_return.get("final_sweep_top") or 1.2) * float(np.max(episode_returns))
+        targets += [float(round(t, 1)) for t in np.linspace(float(np.min(episode_returns)), top, sweep)]
     if not targets:
         raise DTLabError("no target returns given: set target_return.values=[...] or choose target_return=paper")
-    return targets
+    return list(dict.fromkeys(targets))  # in order, each once
 
 
 @torch.inference_mode()
@@ -243,7 +251,10 @@ def protocol(
         "seeds_role": seeds_role,
         "episodes_per_target": episodes,
         "targets": [float(t) for t in targets],
-        "target_rule": {k: list(target_return.get(k) or []) for k in ("values", "quantiles", "max_multiples")},
+        "target_rule": {
+            **{k: list(target_return.get(k) or []) for k in ("values", "quantiles", "max_multiples")},
+            "final_sweep_points": int(target_return.get("final_sweep_points") or 0),
+        },
         "checkpoint": checkpoint,
         "step": step,
         "versions": {

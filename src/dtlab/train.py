@@ -105,7 +105,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.paths.output_dir)
     final = run_dir / "final_evaluation.json"
     if final.is_file():  # written by the evaluation callback (on rank 0 under DDP)
-        print_final_evaluation(json.loads(final.read_text()))
+        report = json.loads(final.read_text())
+        # with the run's resolved config, the file is the run's whole record (dtlab.report)
+        final.write_text(json.dumps(report | {"config": run_config}, indent=2))
+        print_final_evaluation(report)
     log.info("run dir: %s (checkpoints in %s, final evaluation in %s)", run_dir, run_dir / "checkpoints", final.name)
     return metrics
 
