@@ -5,7 +5,7 @@ from conftest import drawn_episodes
 from datasets import Dataset
 
 from dtlab import DTLabError
-from dtlab.data import SAMPLE_PATH, WindowSampler, episodes_from_dataset, load_episodes, load_local
+from dtlab.data import SAMPLE_PATH, WindowSampler, episodes_from_dataset, load_episodes, load_local, top_episodes
 from dtlab.datamodule import TrajectoryDataModule
 
 OBS, ACT = 3, 2
@@ -151,3 +151,45 @@ def test_missing_path_is_one_clear_error(tmp_path):
     (tmp_path / "x.parquet").write_text("not parquet")
     with pytest.raises(DTLabError, match="is not a Parquet file"):
         load_local(str(tmp_path / "x.parquet"))
+
+
+def reference_pct_traj(returns: np.ndarray, lengths: np.ndarray, pct: float) -> set[int]:
+    """The DT reference code's rule (kzl/decision-transformer, gym/experiment.py), as written there."""
+    num_timesteps = max(int(pct * lengths.sum()), 1)
+    sorted_inds = np.argsort(returns)
+    num_trajectories, timesteps, ind = 1, lengths[sorted_inds[-1]], len(returns) - 2
+    while ind >= 0 and timesteps + lengths[sorted_inds[ind]] <= num_timesteps:
+        timesteps += lengths[sorted_inds[ind]]
+        num_trajectories += 1
+        ind -= 1
+    return set(sorted_inds[-num_trajectories:].tolist())
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 1.0])
+def test_top_fraction_keeps_the_reference_rules_episodes_and_samples_only_them(fraction):
+    lengths = [7, 30, 12, 50, 3, 25, 9, 40, 18, 6]
+    episodes = episodes_from_dataset(make_dataset(lengths, seed=3))
+    kept = top_episodes(episodes, fraction)
+    assert set(kept.tolist()) == reference_pct_traj(episodes.returns, episodes.lengths, fraction)
+    sampler = WindowSampler(episodes.select(kept), 4, 0.01, np.zeros(OBS), np.ones(OBS), max_ep_len=100)
+    # what sample() draws, traced back through the flat arrays of *all* episodes
+    full = WindowSampler(episodes, 4, 0.01, np.zeros(OBS), np.ones(OBS), max_ep_len=100)
+    batch = sampler.sample(2000, torch.Generator().manual_seed(0))
+    rows = torch.cdist(batch["states"][:, -1].double(), full.states.double()).argmin(dim=1).numpy()
+    drawn = set((np.searchsorted(episodes.starts, rows, side="right") - 1).tolist())
+    assert drawn == set(kept.tolist())  # every kept episode is drawn, and no other
+
+
+def test_the_data_module_trains_on_the_top_fraction_and_reports_it():
+    ds = make_dataset([20, 5, 40, 10, 30, 15, 25, 35, 45, 50], seed=4)
+    dm = TrajectoryDataModule(
+        load_episodes(lambda: ds, OBS, ACT), max_ep_len=100, context_length=4, val_fraction=0.2, top_fraction=0.3
+    )
+    dm.setup()
+    kept = top_episodes(dm.train, 0.3)
+    assert dm.trained_on.num_episodes == len(kept) < dm.train.num_episodes
+    assert dm.trained_on.lengths.sum() <= 0.3 * dm.train.lengths.sum() or len(kept) == 1
+    np.testing.assert_allclose(dm.state_mean, dm.train.observations.mean(0))  # stats from the whole train split
+    row = dm.report[-1]
+    assert row["source"] == "top 0.3 of train" and row["episodes"] == len(kept)
+    assert row["return_min"] == pytest.approx(dm.trained_on.returns.min(), rel=1e-5)

@@ -59,3 +59,37 @@ def test_dropout_masks_are_not_a_function_of_the_batch_draw():
     assert not torch.equal(dropout_draw, batch_draw)
     dt.on_train_batch_start(None, 0)  # and the same step draws the same masks again (resume)
     assert torch.equal(torch.rand(8), dropout_draw)
+
+
+def test_bc_ignores_returns_to_go_and_past_actions_and_dt_does_not():
+    batch = padded_batch()
+    changed = {
+        **batch,
+        "returns_to_go": batch["returns_to_go"] + 3.0,
+        "actions": torch.roll(batch["actions"], 1, dims=1).masked_fill(~batch["mask"][..., None], 0.0),
+    }
+    outputs = {}
+    for policy in ("dt", "mlp_bc"):
+        torch.manual_seed(0)
+        dt = DTModule(
+            env_id="HalfCheetah-v5",
+            state_dim=3,
+            act_dim=2,
+            max_ep_len=100,
+            state_mean=[0.0] * 3,
+            state_std=[1.0] * 3,
+            reward_scale=0.001,
+            context_length=6,
+            n_layer=2,
+            n_embd=16,
+            dropout=0.0,
+            policy=policy,
+        )
+        dt.eval()
+        with torch.no_grad():
+            outputs[policy] = [
+                dt.model(b["states"], b["actions"], b["returns_to_go"], b["timesteps"], b["mask"], last_only=True)
+                for b in (batch, changed)
+            ]
+    assert torch.equal(*outputs["mlp_bc"])
+    assert not torch.allclose(*outputs["dt"], atol=1e-4)

@@ -43,8 +43,9 @@ def make_run(root: Path, name: str, data: str, seed: int, scores: dict, algo: st
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("trainer:\n  max_steps: 100\n")
+    episodes = protocol_args.get("episodes", 10)
     summary = [
-        {"target": float(t), "return_mean": ret(s), "return_std": 1.0, "normalized_score": s, "episodes": 10}
+        {"target": float(t), "return_mean": ret(s), "return_std": 1.0, "normalized_score": s, "episodes": episodes}
         for t, s in scores.items()
     ]
     final = {
@@ -102,10 +103,9 @@ def test_the_report_gives_the_known_table(sweep, tmp_path):
     assert [i["run"] for i in report["incomplete"]] == ["sweep/killed"]
     # the 5-episode run is not pooled with the 10-episode ones, and the difference is named
     (other,) = group(report, algo="dt", target=12000.0, runs=1)
-    assert (
-        other["scores"] == [90.0] and other["protocol_differs"] == "episodes" and dt["protocol_differs"] == "episodes"
-    )
-    # the aggregate uses one protocol per task: the 3 runs of each algorithm, P(dt > bc) = 1
+    assert other["scores"] == [90.0] and other["protocol_differs"] == dt["protocol_differs"] == "episodes"
+    assert (other["protocol"]["episodes"], other["episodes"], dt["protocol"]["episodes"]) == (5, 5, 10)
+    # the aggregate takes one protocol per task (the one with most runs): 3 runs each, P(dt > bc) = 1
     (agg_dt,) = [a for a in report["aggregates"] if a["algo"] == "dt"]
     assert agg_dt["runs"] == 3 and agg_dt["iqm"] == pytest.approx(42.0)
     (p,) = [p for p in report["improvement"] if (p["x"], p["y"]) == ("dt", "bc")]

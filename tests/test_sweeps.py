@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
@@ -185,3 +186,18 @@ def test_ddp_on_two_cpu_processes_gives_one_run_dir_checkpoint_and_evaluation(tm
     final = json.loads((out / "final_evaluation.json").read_text())
     assert set(final["checkpoints"]) == {"last", "best"}
     assert {"final/last/6000/normalized_score", "final/best/step"} <= set(run["summary"])
+
+
+def test_one_multirun_trains_dt_bc_and_pct_bc_and_each_checkpoint_evaluates(tmp_path, make_cfg):
+    from dtlab.evaluate import evaluate
+
+    sweep = tmp_path / "algos"
+    run_train("-m", "algo=dt,bc,pct_bc", "debug=smoke", "threads=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    runs = [read_offline_run(next((sweep / job / "wandb").glob("offline-run-*"))) for job in ("0", "1", "2")]
+    assert [r["config"]["algo"]["name"] for r in runs] == ["dt", "bc", "pct_bc"] and len({r["id"] for r in runs}) == 3
+    assert [r["config"]["data"]["top_fraction"] for r in runs] == [1.0, 1.0, 0.1]
+    for job, policy in zip(("0", "1", "2"), ("dt", "mlp_bc", "mlp_bc"), strict=True):
+        ckpt = sweep / job / "checkpoints" / "last.ckpt"
+        assert torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["policy"] == policy
+        report = evaluate(make_cfg(f"ckpt_path={ckpt}", "eval.final_episodes=2", config="evaluate"))
+        assert len(report["episodes"]) == 4 and report["protocol"]["step"] == 20

@@ -248,7 +248,7 @@ def build_report(records: Sequence[dict], incomplete: Sequence[dict]) -> dict:
     for env, dataset, algo, checkpoint, target, fp in cells:
         pooled[(env, dataset, algo, checkpoint, target)].add(fp)
     groups = []
-    for (env, dataset, algo, checkpoint, target, _fp), runs in sorted(cells.items(), key=lambda kv: str(kv[0])):
+    for (env, dataset, algo, checkpoint, target, fp), runs in sorted(cells.items(), key=_order):
         scores = np.array([run["summary"]["normalized_score"] for run in runs])
         first = runs[0]["record"]
         low, high = bootstrap_ci([scores], lambda t: float(t[0].mean()))
@@ -292,6 +292,15 @@ def build_report(records: Sequence[dict], incomplete: Sequence[dict]) -> dict:
         "runs": len(records),
         "wall_time_min_total": float(sum((r.get("wall_time_s") or 0) for r in records) / 60),
     }
+
+
+ALGO_ORDER = {"dt": 0, "bc": 1, "pct_bc": 2}
+
+
+def _order(item: tuple) -> tuple:
+    """Rows by env, dataset, algorithm (DT first, then its baselines), last before best, target."""
+    env, dataset, algo, checkpoint, target, fp = item[0]
+    return (env, dataset, ALGO_ORDER.get(algo, 9), algo, checkpoint != "last", target, str(fp))
 
 
 def _headline_tasks(cells: dict) -> dict[str, dict[tuple, np.ndarray]]:
