@@ -12,10 +12,15 @@ In one process, the same policy (one set of weights) and the same (targets x epi
       restructuring it;
   (a'') (a') calling dtlab's model, to separate the loop's cost from the model's;
   (b) batched: `dtlab.rollout.rollout`, all episodes in one vector env, one model call a step;
-  (c) ceiling: (b)'s sequence of batched model calls alone plus its envs stepped alone.
+  (c) ceiling: (b)'s sequence of batched model calls alone plus its envs stepped alone;
+  (d) (b) through each inference backend (eval.backend: eager, jit, onnxruntime; auto, the
+      default, is the fastest exact one), for the targets given and for 8 targets (a target
+      sweep), each the median of 3 repetitions, with the model's share of the rollout's wall
+      time and the backend's largest action difference from eager on padded and full windows.
 Prints env-steps/s of each, the speed-ups of (b) over (a), (a') and (a''), and (b)'s overhead
 share (wall time that is neither model calls nor env steps); writes
-benchmarks/results/eval_throughput.json.
+benchmarks/results/eval_throughput.json, with `default_backend` and `backend_speedup` (the
+default backend's env steps/s over eager's, medians of 3, same run).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 import transformers
 
 from dtlab.hf import to_transformers, transformers_actions
+from dtlab.inference import for_rollout, resolve_backend
 from dtlab.module import DTModule
 from dtlab.policy import Policy
 from dtlab.rollout import rollout
@@ -135,10 +141,56 @@ def ceiling(module: DTModule, n: int, max_steps: int, seed: int) -> tuple[float,
     return model_s, env_s
 
 
+def backends(module: DTModule, env: dict, targets: list[float], episodes: int, seed: int) -> dict:
+    """(d): each backend's rollout, median of 3, its model calls alone, its largest action
+    difference from eager over one rollout's worth of windows (padded ones included)."""
+    policy, n, K = Policy.from_module(module), len(targets) * episodes, module.hparams.context_length
+    g = torch.Generator().manual_seed(seed)
+    s, a = torch.randn(n, K, ENV["obs_dim"], generator=g), torch.rand(n, K, ENV["act_dim"], generator=g) * 2 - 1
+    r, ts = torch.randn(n, K, generator=g), torch.arange(K).expand(n, K)
+    out = {}
+    for backend in ("eager", "jit", "onnxruntime"):
+        start = time.perf_counter()
+        fast = for_rollout(policy, backend, n)
+        build_s = time.perf_counter() - start
+        seconds, steps = [], 0
+        for _ in range(3):
+            start = time.perf_counter()
+            result = rollout(policy, env, targets, episodes, seed=seed, progress=False, backend=backend)
+            seconds.append(time.perf_counter() - start)
+            steps = sum(e["length"] for e in result["episodes"])
+        diff, model_s = 0.0, 0.0
+        with torch.inference_mode():
+            for t in range(env["max_episode_steps"]):
+                mask = (torch.arange(K) >= K - 1 - t).expand(n, K)
+                window = {"states": s, "actions": a, "returns_to_go": r, "timesteps": ts, "mask": mask}
+                start = time.perf_counter()
+                action = fast.act(window)
+                model_s += time.perf_counter() - start
+                if t < K or t % 100 == 0:
+                    eager = module.model(s, a, r, ts, mask if t < K - 1 else None, last_only=True)
+                    diff = max(diff, (action - eager).abs().max().item())
+        median = float(np.median(seconds))
+        out[backend] = {
+            "steps_per_s": steps / median,
+            "seconds": seconds,
+            "build_seconds": build_s,
+            "model_share": min(model_s / median, 1.0),
+            "same_policy_max_abs_diff": diff,
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", help="a dtlab checkpoint; default: a fresh paper-size model")
     parser.add_argument("--targets", type=float, nargs="+", default=[6000.0, 12000.0])
+    parser.add_argument(
+        "--sweep-targets",
+        type=float,
+        nargs="+",
+        default=[0.0, 2000.0, 4000.0, 6000.0, 8000.0, 10000.0, 12000.0, 14000.0],
+    )
     parser.add_argument("--episodes", type=int, default=10, help="per target")
     parser.add_argument("--max-steps", type=int, default=1000, help="steps per episode")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -171,7 +223,8 @@ def main() -> None:
         seq[name] = (steps, time.perf_counter() - start)
 
     start = time.perf_counter()
-    result = rollout(Policy.from_module(module), env, args.targets, args.episodes, seed=args.seed, progress=False)
+    policy = Policy.from_module(module)
+    result = rollout(policy, env, args.targets, args.episodes, seed=args.seed, progress=False, backend="eager")
     batched_s = time.perf_counter() - start
     batched_steps = sum(e["length"] for e in result["episodes"])
 
@@ -207,6 +260,22 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
         },
     }
+    per_backend = {
+        f"{len(t)}x{args.episodes}": backends(module, env, t, args.episodes, args.seed)
+        for t in (args.targets, args.sweep_targets)
+    }
+    default = resolve_backend("auto", torch.device("cpu"))
+    first = next(iter(per_backend.values()))
+    report |= {
+        "backends": per_backend,
+        "default_backend": default,
+        "backend_speedup": first[default]["steps_per_s"] / first["eager"]["steps_per_s"],
+        "backend_speedup_sweep": list(per_backend.values())[1][default]["steps_per_s"]
+        / list(per_backend.values())[1]["eager"]["steps_per_s"],
+        "backend_overhead_share": 1.0
+        - first[default]["model_share"]
+        - env_s / (batched_steps / first[default]["steps_per_s"]),
+    }
     rows = [
         ("(a) HF tutorial loop as written", *seq["sequential"]),
         ("(a') same loop, torch.no_grad()", *seq["sequential_no_grad"]),
@@ -224,6 +293,18 @@ def main() -> None:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
+    print(
+        f"\n{'(d) backend':18} {'targets x episodes':>18} {'steps/s':>9} {'vs eager':>9} "
+        f"{'model share':>12} {'max diff':>9}"
+    )
+    for config, results in per_backend.items():
+        for backend, b in results.items():
+            speedup = b["steps_per_s"] / results["eager"]["steps_per_s"]
+            mark = " (default)" if backend == default else ""
+            print(
+                f"{backend + mark:18} {config:>18} {b['steps_per_s']:>9.0f} {speedup:>8.2f}x "
+                f"{b['model_share']:>12.0%} {b['same_policy_max_abs_diff']:>9.1e}"
+            )
     print(f"wrote {args.out}")
 
 

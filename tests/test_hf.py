@@ -194,3 +194,24 @@ def test_an_imported_relu_model_fine_tunes_through_dtmodule(tmp_path):
     assert isinstance(tuned.model.h[0].mlp.act, torch.nn.ReLU)
     with pytest.raises(DTLabError, match=r"\['activation'\] are the imported model's own"):
         imported.module(env_id="x", state_mean=mean, state_std=std, reward_scale=0.001, activation="gelu")
+
+
+def test_a_hub_checkpoint_without_dtlab_json_evaluates_with_the_tutorials_normalization(tmp_path, make_cfg):
+    import numpy as np
+    from datasets import Dataset
+
+    from dtlab.data import SAMPLE_PATH
+    from dtlab.evaluate import load_policy
+
+    random_transformers_model().save_pretrained(tmp_path / "hf")
+    args = [f"hf_model={tmp_path / 'hf'}", "dataset=sample", "env=halfcheetah", "env.max_episode_steps=20"]
+    policy, *_ = load_policy(make_cfg(*args, config="evaluate"))
+    # the HF tutorial's: mean and std over every step of the data, std + 1e-6; scale=1000
+    steps = np.concatenate(
+        [np.asarray(o, dtype=np.float64) for o in Dataset.from_parquet(str(SAMPLE_PATH))["observations"]]
+    )
+    np.testing.assert_allclose(policy.state_mean.numpy(), steps.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(policy.state_std.numpy(), steps.std(0) + 1e-6, rtol=1e-4)
+    assert policy.reward_scale == 0.001
+    report = evaluate(make_cfg(*args, "eval.final_episodes=1", "eval.backend=eager", config="evaluate"))
+    assert len(report["episodes"]) == 2 and all(e["length"] == 20 for e in report["episodes"])

@@ -92,11 +92,12 @@ class EvaluationCallback(L.Callback):
         final_episodes: int = 10,
         report_seed: int = 10_000,
         checkpoints_dir: str | None = None,
+        backend: str = "eager",
     ) -> None:
         self.env, self.target_return = env, target_return
         self.run_dir = Path(output_dir)
         self.output_dir = self.run_dir / "eval"
-        self.final_episodes, self.report_seed = final_episodes, report_seed
+        self.final_episodes, self.report_seed, self.backend = final_episodes, report_seed, backend
         self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir else self.run_dir / "checkpoints"
         self.final: dict | None = None  # the final evaluation's report (on rank 0)
         self.selection_seeds: list[int] | None = None
@@ -187,6 +188,7 @@ class EvaluationCallback(L.Callback):
                 seed=self.report_seed,
                 vector_mode=self.vector_mode,
                 progress=trainer.progress_bar_callback is not None,
+                backend=self.backend,
             )
             record = protocol(
                 self.env,
@@ -244,6 +246,7 @@ class EvaluationCallback(L.Callback):
             vector_mode=self.vector_mode,
             video_frames=self.video_frames if self.video else 0,
             progress=trainer.progress_bar_callback is not None,
+            backend=self.backend,
         )
 
     @staticmethod

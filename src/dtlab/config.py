@@ -84,6 +84,7 @@ class Eval(_Group):  # dtlab.callbacks.EvaluationCallback, dtlab.evaluate
     final_episodes: NonNegative  # 0: no final evaluation
     report_seed: NonNegative
     vector_mode: Literal["sync", "async"]
+    backend: Literal["auto", "eager", "jit", "onnxruntime"] = "auto"  # dtlab.inference
     video: bool
     video_frames: Positive
 
@@ -144,6 +145,7 @@ class TrainConfig(_Command):  # conf/train.yaml
 
 class EvaluateConfig(_Command):  # conf/evaluate.yaml
     env: Env | None = None
+    hf_reward_scale: Annotated[float, Field(gt=0.0)] = 0.001
 
 
 class EvaluateTargets(BaseModel):  # dtlab.evaluate, once the env is known (paper targets are the env's)

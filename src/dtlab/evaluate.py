@@ -15,11 +15,13 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from dtlab import DTLabError
 from dtlab.cli import CONF_DIR, find_checkpoint, run_cli
 from dtlab.config import EvaluateConfig, EvaluateTargets, check_config
+from dtlab.data import episodes_from_dataset
 from dtlab.hf import from_transformers
 from dtlab.policy import Policy
 from dtlab.rollout import check_env, evaluation_record, format_summary, protocol, resolve_targets, rollout
@@ -36,7 +38,16 @@ def load_policy(cfg: DictConfig) -> tuple[Policy, str | None, dict | None, list[
         )
     if cfg.hf_model is not None:
         imported = from_transformers(cfg.hf_model)
-        return imported.policy(repr(cfg.hf_model)), imported.env_id, None, None
+        returns = None
+        if imported.state_mean is None and cfg.get("dataset") is not None:
+            # no dtlab.json (a hub checkpoint): normalize as the HF tutorial did, with the state
+            # mean and std over every step of the data it was trained on (std + 1e-6)
+            episodes = episodes_from_dataset(instantiate(cfg.dataset)())
+            imported.state_mean = episodes.observations.mean(axis=0).tolist()
+            imported.state_std = (episodes.observations.std(axis=0) + 1e-6).tolist()
+            imported.reward_scale = float(cfg.hf_reward_scale)
+            returns = episodes.returns.tolist()
+        return imported.policy(repr(cfg.hf_model)), imported.env_id, None, returns
     find_checkpoint(cfg.ckpt_path)  # before Lightning is imported (~9 s), so that a wrong path fails at once
     from dtlab.checkpoint import load_checkpoint
 
@@ -95,6 +106,7 @@ def evaluate(cfg: DictConfig) -> dict:
         seed=cfg.eval.seed,
         vector_mode=cfg.eval.vector_mode,
         video_frames=cfg.eval.video_frames if cfg.eval.video else 0,
+        backend=cfg.eval.backend,
     )
     record = protocol(
         cfg.env, targets, cfg.target_return, cfg.eval.episodes, cfg.eval.seed, str(Path(source).resolve()), step, role

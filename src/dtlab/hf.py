@@ -123,7 +123,8 @@ class Imported:
             raise DTLabError(
                 f"{source} has no {SIDECAR} with state_mean, state_std (the training data's, one entry per "
                 "observation dim) and reward_scale (returns-to-go are multiplied by it; 0.001 for the HF tutorial's "
-                f"scale=1000): write them into {SIDECAR} beside config.json"
+                f"scale=1000): give the data it was trained on (dataset=...), or write them into {SIDECAR} "
+                "beside config.json"
             )
         return Policy(self.model, torch.tensor(self.state_mean), torch.tensor(self.state_std), self.reward_scale)
 

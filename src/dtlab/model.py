@@ -181,7 +181,9 @@ class DecisionTransformer(nn.Module):
             keys = mask.repeat_interleave(3, dim=1)[:, :T]  # (B, T): the mask of every token
             attn_mask = _causal(T, x.device)[None] & keys[:, None, :]  # (B, T, T)
             # A padded token may attend to itself: its row is never all-False, so no NaN.
-            attn_mask = attn_mask | torch.eye(T, dtype=torch.bool, device=x.device)
+            # (The diagonal as a comparison, not torch.eye: ONNX Runtime has no boolean EyeLike.)
+            i = torch.arange(T, device=x.device)
+            attn_mask = attn_mask | (i[:, None] == i[None, :])
             attn_mask = attn_mask[:, None]  # (B, 1, T, T), broadcast over heads
 
         for i, block in enumerate(self.h):

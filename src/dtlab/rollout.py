@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dtlab import DTLabError
+from dtlab.inference import for_rollout
 from dtlab.policy import Policy, check_timesteps, windows
 
 _mujoco_warnings: set[str] = set()
@@ -107,6 +108,7 @@ def rollout(
     video_frames: int = 0,
     record: bool = False,
     progress: bool = True,
+    backend: str = "eager",
 ) -> dict:
     """Run `episodes` episodes for each target return, all at once.
 
@@ -115,7 +117,8 @@ def rollout(
     length_mean, episodes}, ...]}, plus "frames" (one list of RGB frames per target, from its
     first episode, at most `video_frames` long) when video_frames > 0, and "trajectories"
     (raw observations, actions, rewards and the steps each env was alive, as arrays
-    [N, T, ...]) when `record`.
+    [N, T, ...]) when `record`. `backend`: how the model runs (dtlab.inference: eager, jit,
+    onnxruntime, or auto, the fastest exact one here), built once for this rollout.
     """
     model, K = policy.model, policy.context_length
     max_steps = int(env["max_episode_steps"])
@@ -123,6 +126,7 @@ def rollout(
     check_timesteps(max_steps - 1, policy.max_ep_len, f"env.max_episode_steps={max_steps}", fix)
     targets = [float(t) for t in targets]
     n = len(targets) * episodes
+    policy = for_rollout(policy, backend, n)
     if vector_mode not in ("sync", "async"):
         raise DTLabError(f"eval.vector_mode={vector_mode!r} is unknown: use sync or async")
     if video_frames and vector_mode != "sync":
@@ -258,7 +262,7 @@ def protocol(
         "checkpoint": checkpoint,
         "step": step,
         "versions": {
-            "dtlab": _version("dtlab"),
+            "dtlab": version("dtlab"),
             "gymnasium": gym.__version__,
             "mujoco": mujoco.__version__,
             "torch": torch.__version__,
@@ -267,7 +271,7 @@ def protocol(
     }
 
 
-def _version(package: str) -> str:
+def version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

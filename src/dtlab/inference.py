@@ -1,0 +1,183 @@
+"""Inference backends for rollouts, and policies exported to run without dtlab.
+
+The model is most of a rollout's wall time, and on a CPU eager PyTorch is far from what the
+same arithmetic can do. A backend runs the same function on static shapes (the attention
+mask is always an input, so the padded first K-1 steps go through the same graph):
+
+- `eager`: the model as it is;
+- `jit`: `torch.jit.trace` then `torch.jit.freeze`;
+- `onnxruntime`: the model exported to ONNX (opset 17) and run by ONNX Runtime
+  (`pip install 'dtlab[onnx]'`).
+
+`auto` picks the fastest exact one measured on CPU (benchmarks/eval_throughput.py):
+onnxruntime, else jit when onnxruntime is not installed (one log line says so); on other
+devices, eager. A backend is built once per evaluation, since the weights change between
+evaluations. A policy a backend cannot take runs eager, with one log line.
+
+`export_policy` writes one file (ONNX or TorchScript) mapping a K-step window of raw
+observations, actions, raw returns-to-go and timesteps to the next action, state
+normalization and reward scale baked in, with its metadata beside it (`<file>.json`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dtlab import DTLabError
+from dtlab.policy import Policy
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "eager", "jit", "onnxruntime")
+INPUTS = ("observations", "actions", "returns_to_go", "timesteps", "mask")
+
+
+class _Core(nn.Module):
+    """The model on normalized windows, mask always given: the function every backend runs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, states, actions, returns_to_go, timesteps, mask):  # noqa: ANN001, ANN201 - traced
+        return self.model(states, actions, returns_to_go, timesteps, mask, last_only=True)
+
+
+class RawWindowPolicy(nn.Module):
+    """What `export_policy` writes: raw observations (B, K, obs_dim) float32, actions (B, K,
+    act_dim) float32, raw returns-to-go (B, K) float32, timesteps (B, K) int64 and mask (B, K)
+    bool (True at real steps; windows left-padded) -> the next action (B, act_dim)."""
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__()
+        self.model = policy.model
+        self.register_buffer("state_mean", policy.state_mean.detach().float().clone())
+        self.register_buffer("state_std", policy.state_std.detach().float().clone())
+        self.reward_scale = float(policy.reward_scale)
+
+    def forward(self, observations, actions, returns_to_go, timesteps, mask):  # noqa: ANN001, ANN201 - traced
+        states = (observations - self.state_mean) / self.state_std
+        return self.model(states, actions, returns_to_go * self.reward_scale, timesteps, mask, last_only=True)
+
+
+def _example(policy: Policy, batch: int) -> tuple[torch.Tensor, ...]:
+    c, device = policy.model.config, policy.state_mean.device
+    K = c.context_length
+    mask = torch.ones(batch, K, dtype=torch.bool, device=device)
+    mask[:, : K - 1] = False  # a padded window: the mask is a real input of the graph
+    return (
+        torch.zeros(batch, K, c.state_dim, device=device),
+        torch.zeros(batch, K, c.act_dim, device=device),
+        torch.zeros(batch, K, device=device),
+        torch.zeros(batch, K, dtype=torch.long, device=device),
+        mask,
+    )
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` -> the backend to use here; a named one whose package is missing -> the next."""
+    if backend not in BACKENDS:
+        raise DTLabError(f"eval.backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    if device.type != "cpu":
+        return "eager" if backend == "auto" else backend  # the others were measured on CPU
+    if backend in ("auto", "onnxruntime") and importlib.util.find_spec("onnxruntime") is None:
+        if backend == "onnxruntime":
+            log.warning("eval.backend=onnxruntime: onnxruntime is not installed (pip install 'dtlab[onnx]'): using jit")
+        return "jit"
+    return "onnxruntime" if backend == "auto" else backend
+
+
+class BackendPolicy:
+    """`Policy.act` through a backend: the rollout's interface (`act(window)`, `normalize`,
+    `scale`, `model`, ...), the model call replaced."""
+
+    def __init__(self, policy: Policy, backend: str, batch: int) -> None:
+        self.policy, self.backend = policy, backend
+        core = _Core(policy.model).eval()
+        example = _example(policy, batch)
+        if backend == "jit":
+            with torch.no_grad():
+                self._run = torch.jit.freeze(torch.jit.trace(core, example))
+        elif backend == "onnxruntime":
+            self._run = _onnx_session(core, example)
+        else:
+            self._run = core
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - everything but act is the policy's own
+        return getattr(self.policy, name)
+
+    def act(self, window: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._run(*(window[k] for k in ("states", "actions", "returns_to_go", "timesteps", "mask")))
+
+
+def _onnx_session(core: nn.Module, example: tuple[torch.Tensor, ...]):  # noqa: ANN202 - a callable
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    _export_onnx(core, example, buffer)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs a model never reads (BC's)
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        feed = {name: x.cpu().numpy() for name, x in zip(INPUTS, inputs, strict=True) if name in wanted}
+        return torch.from_numpy(session.run(["action"], feed)[0])
+
+    return run
+
+
+def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], f: io.BytesIO | str | Path) -> None:
+    axes = {name: {0: "batch"} for name in (*INPUTS, "action")}
+    # The TorchScript-based exporter (dynamo=False: the torch.export one needs onnxscript and
+    # gave no faster graph) warns that it is legacy and about constant folding it skips.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            example,
+            f,
+            input_names=list(INPUTS),
+            output_names=["action"],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def for_rollout(policy: Policy, backend: str, batch: int) -> Policy | BackendPolicy:
+    """The policy a rollout of `batch` envs should call: built once, for these weights."""
+    chosen = resolve_backend(backend, policy.state_mean.device)
+    if chosen == "eager":
+        return policy
+    try:
+        return BackendPolicy(policy, chosen, batch)
+    except Exception as e:  # noqa: BLE001 - any policy a backend cannot take runs eager
+        log.warning("eval.backend=%s cannot run %s (%s): using eager", chosen, type(policy.model).__name__, e)
+        return policy
+
+
+def export_policy(policy: Policy, fmt: str, out: Path, metadata: dict) -> Path:
+    """Write `policy` as one standalone file (`onnx` or `torchscript`) and its metadata beside
+    it (`<out>.json`; TorchScript also holds it inside, as the extra file `dtlab.json`)."""
+    module = RawWindowPolicy(policy).eval()
+    example = _example(policy, 2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        _export_onnx(module, example, out)
+    elif fmt == "torchscript":
+        with torch.no_grad():
+            traced = torch.jit.freeze(torch.jit.trace(module, example))
+        torch.jit.save(traced, out, _extra_files={"dtlab.json": json.dumps(metadata)})
+    else:
+        raise DTLabError(f"format={fmt!r} is unknown: use onnx or torchscript")
+    Path(f"{out}.json").write_text(json.dumps(metadata, indent=2))
+    return out

@@ -1,0 +1,125 @@
+"""Inference backends give eager's actions, and exported policies run without dtlab."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from dtlab.inference import BackendPolicy, export_policy, for_rollout, resolve_backend
+from dtlab.module import DTModule
+from dtlab.policy import Policy
+from dtlab.rollout import rollout
+
+pytest.importorskip("onnxruntime")
+ENV = {
+    "id": "HalfCheetah-v5",
+    "obs_dim": 17,
+    "act_dim": 6,
+    "max_episode_steps": 100,
+    "ref_min_score": -280.178953,
+    "ref_max_score": 12135.0,
+}
+BACKENDS = ["jit", "onnxruntime"]
+
+
+def module(policy: str = "dt") -> DTModule:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    return DTModule(
+        env_id=ENV["id"],
+        state_dim=17,
+        act_dim=6,
+        max_ep_len=1000,
+        state_mean=rng.normal(size=17).tolist(),
+        state_std=rng.uniform(0.5, 2, 17).tolist(),
+        reward_scale=0.001,
+        context_length=8,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        activation="relu",
+        policy=policy,
+    ).eval()
+
+
+@pytest.fixture(scope="module", params=["dt", "mlp_bc"])
+def recorded(request):
+    """An eager rollout of 2 targets x 2 episodes, 100 steps, and every window it fed the model."""
+    dt = module(request.param)
+    calls = []
+    hook = dt.model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args), with_kwargs=True)
+    try:
+        result = rollout(Policy.from_module(dt), ENV, [1000.0, 5000.0], 2, seed=1, progress=False, backend="eager")
+    finally:
+        hook.remove()
+    return dt, result, calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_actions_equal_eager_on_a_real_rollouts_windows(recorded, backend):
+    dt, _, calls = recorded
+    policy = Policy.from_module(dt)
+    fast = BackendPolicy(policy, backend, batch=4)
+    worst = 0.0
+    for states, actions, returns_to_go, timesteps, mask in (c[:5] for c in calls):
+        full_mask = torch.ones(states.shape[:2], dtype=torch.bool) if mask is None else mask  # padded steps too
+        window = {"states": states, "actions": actions, "returns_to_go": returns_to_go, "timesteps": timesteps}
+        with torch.no_grad():
+            eager = dt.model(states, actions, returns_to_go, timesteps, mask, last_only=True)
+            worst = max(worst, (fast.act(window | {"mask": full_mask}) - eager).abs().max().item())
+    assert len(calls) == 100 and worst <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_rollout_returns_equal_eager_over_100_steps(recorded, backend):
+    dt, eager, _ = recorded
+    fast = rollout(Policy.from_module(dt), ENV, [1000.0, 5000.0], 2, seed=1, progress=False, backend=backend)
+    # the same to float rounding: actions within ~1e-6 move MuJoCo's returns by ~1e-6 at most here
+    np.testing.assert_allclose(
+        [e["return"] for e in fast["episodes"]], [e["return"] for e in eager["episodes"]], rtol=1e-6, atol=1e-5
+    )
+
+
+def test_auto_is_onnxruntime_here_and_jit_without_it(monkeypatch, caplog):
+    import importlib.util
+
+    assert resolve_backend("auto", torch.device("cpu")) == "onnxruntime"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else find_spec(name))
+    with caplog.at_level(logging.WARNING):
+        assert resolve_backend("auto", torch.device("cpu")) == "jit"
+        assert resolve_backend("onnxruntime", torch.device("cpu")) == "jit"
+    assert "onnxruntime is not installed" in caplog.text
+    assert isinstance(for_rollout(Policy.from_module(module()), "eager", 2), Policy)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_exported_policy_gives_acts_actions(tmp_path, fmt):
+    dt = module()
+    out = export_policy(Policy.from_module(dt), fmt, tmp_path / f"policy.{fmt}", {"context_length": 8})
+    assert json.loads((tmp_path / f"policy.{fmt}.json").read_text())["context_length"] == 8
+    rng = np.random.default_rng(3)
+    for T in (1, 5, 12):  # padded, padded, a full window of the last 8 steps
+        obs, act = rng.normal(size=(T, 17)).astype(np.float32), rng.uniform(-1, 1, (T, 6)).astype(np.float32)
+        act[-1] = 0
+        rtg, steps = (5000 - 10 * np.arange(T)).astype(np.float32), np.arange(T)
+        expected = dt.act(obs, act, rtg, steps)
+        first, pad = max(T - 8, 0), 8 - min(T, 8)
+        window = {
+            "observations": np.concatenate([np.zeros((pad, 17), np.float32), obs[first:]])[None],
+            "actions": np.concatenate([np.zeros((pad, 6), np.float32), act[first:]])[None],
+            "returns_to_go": np.concatenate([np.zeros(pad, np.float32), rtg[first:]])[None],
+            "timesteps": np.concatenate([np.zeros(pad, np.int64), steps[first:]])[None],
+            "mask": (np.arange(8) >= pad)[None],
+        }
+        if fmt == "onnx":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(out))
+            action = session.run(["action"], {i.name: window[i.name] for i in session.get_inputs()})[0][0]
+        else:
+            loaded = torch.jit.load(str(out))
+            action = loaded(*(torch.from_numpy(window[k]) for k in window))[0].numpy()
+        np.testing.assert_allclose(action, expected, atol=1e-5)
