@@ -67,3 +67,25 @@ def drawn_episodes(sampler, episodes, n: int, seed: int = 0) -> np.ndarray:
     batch = sampler.sample(n, torch.Generator().manual_seed(seed))
     rows = torch.cdist(batch["states"][:, -1].double(), sampler.states.double()).argmin(dim=1).numpy()
     return np.searchsorted(episodes.starts, rows, side="right") - 1
+
+
+def random_module(**overrides):  # noqa: ANN201 - a DTModule
+    """A small DTModule for HalfCheetah with a random (seeded) state normalization, as if
+    trained on some data: for tests of what rollouts and backends feed it."""
+    from dtlab.module import DTModule
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    args = {
+        "env_id": "HalfCheetah-v5",
+        "state_dim": 17,
+        "act_dim": 6,
+        "max_ep_len": 1000,
+        "state_mean": rng.normal(size=17).tolist(),
+        "state_std": rng.uniform(0.5, 2, 17).tolist(),
+        "reward_scale": 0.001,
+        "n_layer": 2,
+        "n_head": 2,
+        "activation": "relu",
+    }
+    return DTModule(**(args | overrides))

@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import random_module
 
 from dtlab.inference import BackendPolicy, export_policy, for_rollout, resolve_backend
 from dtlab.module import DTModule
@@ -25,23 +26,7 @@ BACKENDS = ["jit", "onnxruntime"]
 
 
 def module(policy: str = "dt") -> DTModule:
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    return DTModule(
-        env_id=ENV["id"],
-        state_dim=17,
-        act_dim=6,
-        max_ep_len=1000,
-        state_mean=rng.normal(size=17).tolist(),
-        state_std=rng.uniform(0.5, 2, 17).tolist(),
-        reward_scale=0.001,
-        context_length=8,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        activation="relu",
-        policy=policy,
-    ).eval()
+    return random_module(context_length=8, n_embd=32, policy=policy).eval()
 
 
 @pytest.fixture(scope="module", params=["dt", "mlp_bc"])

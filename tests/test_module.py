@@ -7,7 +7,7 @@ from dtlab.data import BATCHES, WindowSampler, episodes_from_dataset, episodes_t
 from dtlab.module import DTModule
 
 
-def module() -> DTModule:
+def module(policy: str = "dt", n_layer: int = 1) -> DTModule:
     torch.manual_seed(0)
     return DTModule(
         env_id="HalfCheetah-v5",
@@ -18,9 +18,10 @@ def module() -> DTModule:
         state_std=[1.0] * 3,
         reward_scale=0.001,
         context_length=6,
-        n_layer=1,
+        n_layer=n_layer,
         n_embd=16,
         dropout=0.0,
+        policy=policy,
     )
 
 
@@ -70,21 +71,7 @@ def test_bc_ignores_returns_to_go_and_past_actions_and_dt_does_not():
     }
     outputs = {}
     for policy in ("dt", "mlp_bc"):
-        torch.manual_seed(0)
-        dt = DTModule(
-            env_id="HalfCheetah-v5",
-            state_dim=3,
-            act_dim=2,
-            max_ep_len=100,
-            state_mean=[0.0] * 3,
-            state_std=[1.0] * 3,
-            reward_scale=0.001,
-            context_length=6,
-            n_layer=2,
-            n_embd=16,
-            dropout=0.0,
-            policy=policy,
-        )
+        dt = module(policy, n_layer=2)
         dt.eval()
         with torch.no_grad():
             outputs[policy] = [

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import random_module
 
 from dtlab import DTLabError
 from dtlab.data import WindowSampler, episodes_from_dataset, episodes_to_dataset
@@ -26,22 +27,7 @@ TARGETS = [10.0, 50.0]
 def module(reward_scale: float = 1.0) -> DTModule:
     # reward_scale 1 and small targets: a one-step shift of the returns-to-go (one reward,
     # ~0.01-1 here) stands far above float32 rounding of the values.
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    return DTModule(
-        env_id=ENV["id"],
-        state_dim=17,
-        act_dim=6,
-        max_ep_len=1000,
-        state_mean=rng.normal(size=17).tolist(),
-        state_std=rng.uniform(0.5, 2, 17).tolist(),
-        reward_scale=reward_scale,
-        context_length=K,
-        n_layer=2,
-        n_head=2,
-        n_embd=16,
-        activation="relu",
-    )
+    return random_module(reward_scale=reward_scale, context_length=K, n_embd=16)
 
 
 @pytest.fixture(scope="module")
