@@ -134,7 +134,7 @@ def test_spearman_and_slope_on_known_inputs():
 def test_statistics_agree_with_rliable():
     rliable_metrics = pytest.importorskip("rliable.metrics")
     rliable_library = pytest.importorskip("rliable.library")
-    from dtlab.report import bootstrap_ci
+    from dtlab.report import bootstrap_ci, mean_ci
 
     rng = np.random.default_rng(0)
     scores = {algo: rng.normal(loc, 10, size=(5, 3)) for algo, loc in (("dt", 50.0), ("bc", 45.0))}  # runs x tasks
@@ -150,6 +150,9 @@ def test_statistics_agree_with_rliable():
         random_state=np.random.RandomState(0),
     )
     ours = bootstrap_ci(list(scores["dt"].T), lambda t: iqm(np.concatenate(t)))
+    # the vectorized mean CI is the same bootstrap as the loop, for one task
+    one = scores["dt"][:, 0]
+    np.testing.assert_allclose(mean_ci(one), bootstrap_ci([one], lambda t: float(t[0].mean())), atol=0.5)
     # Both are 10,000-replicate percentile bootstraps of the same statistic, resampling runs
     # within each task, with different random draws: they agree up to Monte Carlo error. The
     # standard error of a 2.5% / 97.5% bootstrap quantile at 10k replicates is ~2% of the

@@ -63,6 +63,16 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def mean_ci(scores: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap CI of a mean over runs: bootstrap_ci for one task and the
+    mean, vectorized (the report computes one for every group and every figure point)."""
+    x = np.asarray(scores, dtype=np.float64)
+    means = x[np.random.default_rng(seed).integers(0, len(x), (BOOTSTRAP_REPS, len(x)))].mean(axis=1)
+    alpha = (1 - CI) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
 def probability_of_improvement(x: Sequence[np.ndarray], y: Sequence[np.ndarray]) -> float:
     """P(X > Y): per task the probability that a run of X beats a run of Y (ties count half,
     the Mann-Whitney U over n * m), averaged over tasks."""
@@ -251,7 +261,7 @@ def build_report(records: Sequence[dict], incomplete: Sequence[dict]) -> dict:
     for (env, dataset, algo, checkpoint, target, fp), runs in sorted(cells.items(), key=_order):
         scores = np.array([run["summary"]["normalized_score"] for run in runs])
         first = runs[0]["record"]
-        low, high = bootstrap_ci([scores], lambda t: float(t[0].mean()))
+        low, high = mean_ci(scores)
         spearmans = [run["calibration"]["spearman"] for run in runs if run["calibration"]["spearman"] is not None]
         slopes = [run["calibration"]["slope"] for run in runs if run["calibration"]["slope"] is not None]
         data = first.get("data_returns") or {}
@@ -461,7 +471,7 @@ def plot_figures(records: Sequence[dict], out: Path) -> list[Path]:
                 ]
             )  # (runs, targets)
             mean = per_run.mean(0)
-            band = np.array([bootstrap_ci([col], lambda t: float(t[0].mean())) for col in per_run.T])
+            band = np.array([mean_ci(col) for col in per_run.T])
             (line,) = ax.plot(targets, mean, "o-", label=f"{algo} ({len(runs)} runs)")
             ax.fill_between(targets, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.2)
             lo += [min(targets), float(band.min())]
@@ -471,7 +481,7 @@ def plot_figures(records: Sequence[dict], out: Path) -> list[Path]:
                 steps, values = curve
                 lc.plot(steps, values.mean(0), "o-", color=line.get_color(), label=algo)
                 if len(values) > 1:
-                    b = np.array([bootstrap_ci([col], lambda t: float(t[0].mean())) for col in values.T])
+                    b = np.array([mean_ci(col) for col in values.T])
                     lc.fill_between(steps, b[:, 0], b[:, 1], color=line.get_color(), alpha=0.2)
         data = [r.get("data_returns") for runs in algos.values() for r in runs if r.get("data_returns")]
         if data:
