@@ -185,9 +185,8 @@ def test_final_evaluation_reports_last_and_best_on_seeds_no_selection_used(tiny_
         for s in record["summary"]:
             assert metrics[f"final/{name}/{s['target']:g}/normalized_score"] == pytest.approx(s["normalized_score"])
     # dtlab.evaluate defaults to the same reporting protocol: on last.ckpt it repeats final/last exactly
-    report = evaluate(
-        make_cfg(f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "eval.final_episodes=2", config="evaluate")
-    )
+    last = f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"
+    report = evaluate(make_cfg(last, "eval.final_episodes=2", "eval.backend=eager", config="evaluate"))  # as smoke
     assert report["protocol"]["seeds"] == [10000, 10003] and report["protocol"]["seeds_role"] == "reporting"
     assert report["protocol"]["step"] == 20
     assert [e["return"] for e in report["episodes"]] == [e["return"] for e in final["last"]["episodes"]]
