@@ -20,7 +20,10 @@ In one process, the same policy (one set of weights) and the same (targets x epi
 Prints env-steps/s of each, the speed-ups of (b) over (a), (a') and (a''), and (b)'s overhead
 share (wall time that is neither model calls nor env steps); writes
 benchmarks/results/eval_throughput.json, with `default_backend` and `backend_speedup` (the
-default backend's env steps/s over eager's, medians of 3, same run).
+default backend's env steps/s over eager's, medians of 3, same run). With --preset-run (a
+training run's final_evaluation.json, e.g. of experiment=halfcheetah-medium), also the share of
+that run's wall time its evaluations take, eager against the default backend: the in-training
+and final rollouts it ran, timed again here at their own batch sizes.
 """
 
 from __future__ import annotations
@@ -181,6 +184,34 @@ def backends(module: DTModule, env: dict, targets: list[float], episodes: int, s
     return out
 
 
+def evaluation_share(path: Path, module: DTModule, seed: int) -> dict:
+    """The share of a preset run's wall time spent in its rollouts, eager (as the run was
+    measured) against the default backend: each kind of rollout it ran (in-training: targets x
+    eval.episodes envs; final: targets x final episodes, for last and best) timed once here,
+    with 1000-step episodes; the rest of its wall time is taken as it was."""
+    record = json.loads(path.read_text())
+    config, final = record["config"], next(iter(record["checkpoints"].values()))["protocol"]
+    kinds = {  # name -> (targets, episodes per target, how many such rollouts the run did)
+        "in_training": (list(config["target_return"]["values"]), config["eval"]["episodes"], len(record["history"])),
+        "final": (final["targets"], final["episodes_per_target"], len(record["checkpoints"])),
+    }
+    env, wall = {**ENV, "max_episode_steps": 1000}, record["wall_time_s"]
+    seconds = {}
+    for backend in ("eager", resolve_backend("auto", torch.device("cpu"))):
+        seconds[backend] = 0.0
+        for targets, episodes, count in kinds.values():
+            start = time.perf_counter()
+            rollout(Policy.from_module(module), env, targets, episodes, seed=seed, progress=False, backend=backend)
+            seconds[backend] += (time.perf_counter() - start) * count
+    rest = wall - seconds["eager"]  # training, validation, checkpoints, start-up
+    return {
+        "run": str(path),
+        "wall_time_s": wall,
+        "evaluation_s": seconds,
+        "share": {backend: s / (rest + s) for backend, s in seconds.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", help="a dtlab checkpoint; default: a fresh paper-size model")
@@ -192,6 +223,7 @@ def main() -> None:
         default=[0.0, 2000.0, 4000.0, 6000.0, 8000.0, 10000.0, 12000.0, 14000.0],
     )
     parser.add_argument("--episodes", type=int, default=10, help="per target")
+    parser.add_argument("--preset-run", type=Path, help="a preset run's final_evaluation.json: its evaluation share")
     parser.add_argument("--max-steps", type=int, default=1000, help="steps per episode")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -276,6 +308,8 @@ def main() -> None:
         - first[default]["model_share"]
         - env_s / (batched_steps / first[default]["steps_per_s"]),
     }
+    if args.preset_run:
+        report["preset_evaluation_share"] = evaluation_share(args.preset_run, module, args.seed)
     rows = [
         ("(a) HF tutorial loop as written", *seq["sequential"]),
         ("(a') same loop, torch.no_grad()", *seq["sequential_no_grad"]),
@@ -305,6 +339,9 @@ def main() -> None:
                 f"{backend + mark:18} {config:>18} {b['steps_per_s']:>9.0f} {speedup:>8.2f}x "
                 f"{b['model_share']:>12.0%} {b['same_policy_max_abs_diff']:>9.1e}"
             )
+    if args.preset_run:
+        share = report["preset_evaluation_share"]["share"]
+        print("evaluation share of the preset run's wall time: " + ", ".join(f"{b} {v:.1%}" for b, v in share.items()))
     print(f"wrote {args.out}")
 
 
