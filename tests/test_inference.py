@@ -108,3 +108,10 @@ def test_an_exported_policy_gives_acts_actions(tmp_path, fmt):
             loaded = torch.jit.load(str(out))
             action = loaded(*(torch.from_numpy(window[k]) for k in window))[0].numpy()
         np.testing.assert_allclose(action, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_backend_rollout_leaves_the_model_in_its_mode(backend):
+    dt = module().train()  # as in training: the evaluation callback rolls out mid-fit
+    rollout(Policy.from_module(dt), ENV | {"max_episode_steps": 5}, [1000.0], 1, progress=False, backend=backend)
+    assert dt.model.training  # dropout stays on for the training steps after an evaluation

@@ -113,3 +113,11 @@ def test_a_horizon_past_the_timestep_table_is_refused():
         rollout(Policy.from_module(dt), ENV | {"max_episode_steps": 1001}, [10.0], 1, progress=False)
     with pytest.raises(DTLabError, match="act: timesteps reaches timestep 1000"):
         dt.act(np.zeros((1, 17)), np.zeros((1, 6)), np.zeros(1), np.array([1000]))
+
+
+def test_act_refuses_an_empty_history_and_negative_timesteps():
+    dt = module()
+    with pytest.raises(DTLabError, match="at least one step, with timesteps >= 0"):
+        dt.act(np.zeros((0, 17)), np.zeros((0, 6)), np.zeros(0), np.zeros(0, dtype=int))
+    with pytest.raises(DTLabError, match="timesteps >= 0"):
+        dt.act(np.zeros((1, 17)), np.zeros((1, 6)), np.zeros(1), np.array([-1]))

@@ -37,7 +37,16 @@ def protocol(seeds=(10000, 10019), episodes=10, env_id="HalfCheetah-v5") -> dict
     }
 
 
-def make_run(root: Path, name: str, data: str, seed: int, scores: dict, algo: str = "dt", **protocol_args) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    data: str,
+    seed: int,
+    scores: dict,
+    algo: str = "dt",
+    setup: dict | None = None,
+    **protocol_args,
+) -> Path:
     """A run dir as dtlab.train leaves it: .hydra/config.yaml and final_evaluation.json with
     normalized `scores` per target ({6000: s, 12000: s}) for last.ckpt."""
     run = root / name
@@ -63,6 +72,7 @@ def make_run(root: Path, name: str, data: str, seed: int, scores: dict, algo: st
             "dataset": {"_target_": "dtlab.data.load_local", "path": f"/data/{data}.parquet"},
             "seed": seed,
             **({"algo": {"name": algo}} if algo != "dt" else {}),
+            **(setup or {}),
         },
     }
     (run / "final_evaluation.json").write_text(json.dumps(final))
@@ -81,6 +91,10 @@ def sweep(tmp_path) -> Path:
     (root / "killed" / ".hydra" / "config.yaml").write_text("trainer:\n  max_steps: 100\n")
     # same dataset and algorithm, but 5 episodes per target: another protocol
     make_run(root, "medium-5ep", "halfcheetah-medium-v5", 9, {6000: 0.0, 12000: 90.0}, episodes=5)
+    # same protocol, but trained on the top 10% only: another setup, never pooled with the DT runs
+    make_run(
+        root, "medium-top", "halfcheetah-medium-v5", 8, {6000: 0.0, 12000: 70.0}, setup={"data": {"top_fraction": 0.1}}
+    )
     return root
 
 
@@ -102,16 +116,18 @@ def test_the_report_gives_the_known_table(sweep, tmp_path):
     # incomplete runs are listed with the reason
     assert [i["run"] for i in report["incomplete"]] == ["sweep/killed"]
     # the 5-episode run is not pooled with the 10-episode ones, and the difference is named
-    (other,) = group(report, algo="dt", target=12000.0, runs=1)
-    assert other["scores"] == [90.0] and other["protocol_differs"] == dt["protocol_differs"] == "episodes"
+    (other,) = group(report, algo="dt", target=12000.0, mean=90.0)
+    assert other["scores"] == [90.0] and other["protocol_differs"] == dt["protocol_differs"] == "episodes, top_fraction"
     assert (other["protocol"]["episodes"], other["episodes"], dt["protocol"]["episodes"]) == (5, 5, 10)
+    (top,) = group(report, algo="dt", target=12000.0, mean=70.0)
+    assert top["runs"] == 1 and top["setup"]["top_fraction"] == 0.1 and "top_fraction" in top["protocol_differs"]
     # the aggregate takes one protocol per task (the one with most runs): 3 runs each, P(dt > bc) = 1
     (agg_dt,) = [a for a in report["aggregates"] if a["algo"] == "dt"]
     assert agg_dt["runs"] == 3 and agg_dt["iqm"] == pytest.approx(42.0)
     (p,) = [p for p in report["improvement"] if (p["x"], p["y"]) == ("dt", "bc")]
     assert p["probability"] == 1.0
     markdown = (out / "report.md").read_text()
-    assert "| HalfCheetah-v5 | halfcheetah-medium-v5 (protocol differs: episodes) | 35.0 | dt |" in markdown
+    assert "| HalfCheetah-v5 | halfcheetah-medium-v5 (episodes, top_fraction differ) | 35.0 | dt |" in markdown
     assert "42.0 +- 2.0" in markdown and "no number here was selected" in markdown
     assert (out / "report.tex").read_text().startswith("\\begin{tabular}")
     assert (out / "HalfCheetah-v5-halfcheetah-medium-v5.png").stat().st_size > 10_000
@@ -119,7 +135,7 @@ def test_the_report_gives_the_known_table(sweep, tmp_path):
     records, incomplete = find_runs([tmp_path / "records"])
     again = build_report(records, [])
     assert [g["scores"] for g in again["groups"]] == [g["scores"] for g in report["groups"]]
-    assert len(records) == 7 and sum(p.stat().st_size for p in (tmp_path / "records").glob("*.json")) < 7 * 8000
+    assert len(records) == 8 and sum(p.stat().st_size for p in (tmp_path / "records").glob("*.json")) < 8 * 8000
 
 
 def test_spearman_and_slope_on_known_inputs():

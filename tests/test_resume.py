@@ -1,6 +1,7 @@
 """Resuming, preemption, determinism and the NaN guard, on real tiny runs (debug=smoke)."""
 
 import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -192,3 +193,18 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     saved = last_checkpoint(out)["global_step"]
     assert saved == steps_done(out)  # saved at the step it stopped, not at the previous interval
     assert f"stopped by SIGTERM after step {saved}" in output and "ckpt_path=last" in output
+
+
+def test_resuming_into_a_new_run_dir_keeps_the_best_checkpoint_of_the_whole_run(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    fit(first, f"trainer.max_steps={N}", "eval.every_n_steps=5")
+    # resumed at its end into a new dir: no step is left to train, so no evaluation can make a
+    # new best.ckpt there; the best of the first part must come along
+    fit(second, f"trainer.max_steps={N}", "eval.every_n_steps=5", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    before = torch.load(first / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    after = torch.load(second / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert after["global_step"] == before["global_step"]
+    for key, value in before["state_dict"].items():
+        assert torch.equal(value, after["state_dict"][key]), key
+    final = json.loads((second / "final_evaluation.json").read_text())["checkpoints"]
+    assert final["best"]["protocol"]["step"] == before["global_step"]

@@ -112,8 +112,9 @@ class EvaluationCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Bad target returns fail now, not at the first evaluation hours into the run.
-        targets = resolve_targets(self.target_return, getattr(trainer.datamodule, "episode_returns", None))
-        check_seed_ranges(len(targets), self.seed, self.episodes, self.report_seed, self.final_episodes)
+        returns = getattr(trainer.datamodule, "episode_returns", None)
+        targets, final = (resolve_targets(self.target_return, returns, final=f) for f in (False, True))
+        check_seed_ranges(len(targets), self.seed, self.episodes, len(final), self.report_seed, self.final_episodes)
         self.selection_seeds = [self.seed, self.seed + len(targets) * self.episodes - 1]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -8,7 +8,9 @@ A run's checkpoints live in `<run dir>/checkpoints/`: `last.ckpt` (every
 from __future__ import annotations
 
 import inspect
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from dtlab import DTLabError
 from dtlab.cli import find_checkpoint
 from dtlab.module import DTModule
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -95,6 +99,25 @@ class BestCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_steps: int, **kwargs: Any) -> None:
         super().__init__(every_n_train_steps=0, every_n_epochs=0, **kwargs)  # no schedule of its own
         self.every_n_steps = every_n_steps
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        old, score = state_dict.get("best_model_path"), state_dict.get("best_model_score")
+        if state_dict.get("dirpath") == self.dirpath or not old or score is None:
+            return
+        # Resumed into a new run dir: bring the best so far along, so that best.ckpt (and the
+        # final evaluation of it) stays the best of the whole run, not of the part after resuming.
+        if not Path(old).is_file():
+            log.warning(
+                "best.ckpt of the resumed run (%s) is not there: best.ckpt starts afresh in %s", old, self.dirpath
+            )
+            return
+        new = Path(self.dirpath) / Path(old).name
+        new.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(old, new)
+        self.best_model_path = self.kth_best_model_path = str(new)
+        self.best_model_score = self.kth_value = score
+        self.best_k_models = {str(new): score}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         due = evaluation_due(trainer.global_step, self.every_n_steps, trainer.max_steps)

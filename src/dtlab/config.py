@@ -11,6 +11,8 @@ except the few dtlab relies on.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Annotated, Literal
 
 from omegaconf import DictConfig, OmegaConf
@@ -153,6 +155,25 @@ class EvaluateTargets(BaseModel):  # dtlab.evaluate, once the env is known (pape
     target_return: TargetReturn
 
 
+def check_loader_keys(dataset: dict) -> None:
+    """The `dataset` group's keys are the arguments of the loader it names (dtlab.data.load_*):
+    a misspelled one would otherwise fail only inside the loader, as a TypeError."""
+    target = dataset.get("_target_")
+    if not isinstance(target, str) or "." not in target:
+        return
+    module, _, name = target.rpartition(".")
+    try:
+        loader = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise DTLabError(f"config: dataset._target_={target!r} cannot be imported: check the name") from None
+    takes = list(inspect.signature(loader).parameters)
+    for key in dataset:
+        if not key.startswith("_") and key not in takes:
+            raise DTLabError(
+                f"config: dataset.{key} is not an argument of {target} (it takes {', '.join(takes)}): fix the spelling"
+            )
+
+
 def check_config(cfg: DictConfig, schema: type[BaseModel] = TrainConfig) -> None:
     """Raise DTLabError naming the first key of `cfg` that `schema` does not allow."""
     groups = {}
@@ -164,6 +185,8 @@ def check_config(cfg: DictConfig, schema: type[BaseModel] = TrainConfig) -> None
         schema.model_validate(groups)
     except ValidationError as e:
         raise DTLabError(_one_line(e.errors()[0], groups)) from None
+    if isinstance(cfg.get("dataset"), DictConfig):
+        check_loader_keys(OmegaConf.to_container(cfg.dataset, resolve=False))
 
 
 def _one_line(error: dict, given: dict) -> str:

@@ -84,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from dtlab.callbacks import plot_return_conditioning, write_video  # Lightning: after the checks
     from dtlab.checkpoint import checkpoint_facts
 
-    targets = resolve_targets(cfg.target_return, episode_returns)
+    targets = resolve_targets(cfg.target_return, episode_returns, final=True)  # a reporting evaluation
     out = Path(cfg.paths.output_dir)
     step, selection = checkpoint_facts(cfg.ckpt_path) if cfg.ckpt_path is not None else (None, None)
     n = len(targets) * cfg.eval.episodes

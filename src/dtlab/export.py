@@ -16,7 +16,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dtlab import DTLabError
 from dtlab.cli import CONF_DIR, find_checkpoint, run_cli
@@ -28,6 +28,8 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
 def export(cfg: DictConfig) -> Path:
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
+        raise DTLabError("give ckpt_path=PATH: the dtlab checkpoint to export")
     if cfg.format not in SUFFIX:
         raise DTLabError(f"format={cfg.format!r} is unknown: use onnx or torchscript")
     ckpt = Path(find_checkpoint(cfg.ckpt_path))

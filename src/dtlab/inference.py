@@ -85,8 +85,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """`auto` -> the backend to use here; a named one whose package is missing -> the next."""
     if backend not in BACKENDS:
         raise DTLabError(f"eval.backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
-    if device.type != "cpu":
-        return "eager" if backend == "auto" else backend  # the others were measured on CPU
+    if device.type != "cpu":  # measured on CPU only; ONNX Runtime's session here is a CPU one
+        if backend == "onnxruntime":
+            log.warning("eval.backend=onnxruntime runs on CPU only: using eager on %s", device)
+        return "eager" if backend in ("auto", "onnxruntime") else backend
     if backend in ("auto", "onnxruntime") and importlib.util.find_spec("onnxruntime") is None:
         if backend == "onnxruntime":
             log.warning("eval.backend=onnxruntime: onnxruntime is not installed (pip install 'dtlab[onnx]'): using jit")
@@ -100,15 +102,19 @@ class BackendPolicy:
 
     def __init__(self, policy: Policy, backend: str, batch: int) -> None:
         self.policy, self.backend = policy, backend
-        core = _Core(policy.model).eval()
-        example = _example(policy, batch)
-        if backend == "jit":
-            with torch.no_grad():
-                self._run = torch.jit.freeze(torch.jit.trace(core, example))
-        elif backend == "onnxruntime":
-            self._run = _onnx_session(core, example)
-        else:
-            self._run = core
+        core, example = _Core(policy.model), _example(policy, batch)
+        training = policy.model.training  # traced in eval mode; the caller's mode is left as it was
+        core.eval()
+        try:
+            if backend == "jit":
+                with torch.no_grad():
+                    self._run = torch.jit.freeze(torch.jit.trace(core, example))
+            elif backend == "onnxruntime":
+                self._run = _onnx_session(core, example)
+            else:
+                self._run = core
+        finally:
+            policy.model.train(training)
 
     def __getattr__(self, name: str):  # noqa: ANN204 - everything but act is the policy's own
         return getattr(self.policy, name)

@@ -164,6 +164,8 @@ class DTModule(L.LightningModule):
             raise DTLabError(f"act: actions must have shape [{T}, {hp.act_dim}], got {list(actions.shape)}")
         if np.shape(returns_to_go) != (T,) or np.shape(timesteps) != (T,):
             raise DTLabError(f"act: returns_to_go and timesteps must have shape [{T}]")
+        if T == 0 or np.min(timesteps) < 0:
+            raise DTLabError("act: give at least one step, with timesteps >= 0 (the step within the episode)")
         check_timesteps(int(np.max(timesteps)), hp.max_ep_len, "act: timesteps", "pass timesteps within the table")
         policy = Policy.from_module(self)
         K = hp.context_length

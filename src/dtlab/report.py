@@ -187,7 +187,11 @@ def find_runs(dirs: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
                     {"run": name, "reason": "no final_evaluation.json (unfinished, or eval.final_episodes=0)"}
                 )
                 continue
-            data = json.loads(final.read_text())
+            try:
+                data = json.loads(final.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                incomplete.append({"run": name, "reason": f"final_evaluation.json is not JSON ({e})"})
+                continue
             if "config" not in data or not data.get("checkpoints"):
                 incomplete.append({"run": name, "reason": "final_evaluation.json lacks its config or checkpoints"})
                 continue
@@ -219,9 +223,11 @@ def write_records(records: Sequence[dict], folder: Path) -> list[Path]:
 # Grouping and the report.
 
 
-def fingerprint(protocol: dict) -> tuple:
-    """What must be equal for two scores to be pooled."""
+def fingerprint(protocol: dict, config: dict) -> tuple:
+    """What must be equal for two scores to be pooled: the evaluation protocol, then the
+    training setup (a run's algorithm name alone does not say its budget, size or data share)."""
     v = protocol["versions"]
+    model, data, trainer = config.get("model", {}), config.get("data", {}), config.get("trainer", {})
     return (
         protocol["env_id"],
         protocol["max_episode_steps"],
@@ -229,15 +235,24 @@ def fingerprint(protocol: dict) -> tuple:
         tuple(protocol["seeds"]),
         v.get("gymnasium"),
         v.get("mujoco"),
+        model.get("policy", "dt"),
+        model.get("context_length"),
+        model.get("n_layer"),
+        model.get("n_embd"),
+        model.get("learning_rate"),
+        trainer.get("max_steps"),
+        data.get("top_fraction", 1.0),
     )
 
 
-FINGERPRINT_FIELDS = ("env", "horizon", "episodes", "seeds", "gymnasium", "mujoco")
+FINGERPRINT_FIELDS = ("env", "horizon", "episodes", "seeds", "gymnasium", "mujoco")  # the protocol
+SETUP_FIELDS = ("policy", "K", "n_layer", "n_embd", "lr", "max_steps", "top_fraction")  # the training
+PROTOCOL = len(FINGERPRINT_FIELDS)
 
 
 def differences(prints: Sequence[tuple]) -> str:
     """Which protocol fields differ between groups that would otherwise pool."""
-    names = [n for i, n in enumerate(FINGERPRINT_FIELDS) if len({p[i] for p in prints}) > 1]
+    names = [n for i, n in enumerate(FINGERPRINT_FIELDS + SETUP_FIELDS) if len({p[i] for p in prints}) > 1]
     return ", ".join(names)
 
 
@@ -252,7 +267,8 @@ def build_report(records: Sequence[dict], incomplete: Sequence[dict]) -> dict:
             data = r.get("data_returns")
             cal = calibration(c["summary"], (data["min"], data["max"]) if data else None)
             for s in c["summary"]:
-                key = (r["env_id"], r["dataset"], r["algo"], checkpoint, s["target"], fingerprint(c["protocol"]))
+                fp = fingerprint(c["protocol"], r.get("config", {}))
+                key = (r["env_id"], r["dataset"], r["algo"], checkpoint, s["target"], fp)
                 cells[key].append({"record": r, "summary": s, "calibration": cal, "protocol": c["protocol"]})
     pooled = defaultdict(set)
     for env, dataset, algo, checkpoint, target, fp in cells:
@@ -289,7 +305,8 @@ def build_report(records: Sequence[dict], incomplete: Sequence[dict]) -> dict:
                 "episodes": runs[0]["summary"]["episodes"],
                 "steps": sorted({run["record"]["steps"] for run in runs}),
                 "wall_time_min": float(np.mean([run["record"]["wall_time_s"] or 0 for run in runs]) / 60),
-                "protocol": dict(zip(FINGERPRINT_FIELDS, fp, strict=True)),
+                "protocol": dict(zip(FINGERPRINT_FIELDS, fp[:PROTOCOL], strict=True)),
+                "setup": dict(zip(SETUP_FIELDS, fp[PROTOCOL:], strict=True)),
                 "protocol_differs": differences(sorted(others)) if len(others) > 1 else "",
                 "target_rule": runs[0]["protocol"]["target_rule"],
             }
@@ -314,12 +331,22 @@ def _order(item: tuple) -> tuple:
 
 
 def _headline_tasks(cells: dict) -> dict[str, dict[tuple, np.ndarray]]:
-    """algo -> {(env, dataset): scores of its runs} at the headline target, last.ckpt. A task
-    measured under several protocols contributes the protocol with the most runs (never a mix;
-    the choice looks at run counts, not scores)."""
+    """algo -> {(env, dataset): scores of its runs} at the headline target, last.ckpt. Every
+    algorithm's runs of a task are taken under one protocol, the one most runs of the task
+    share (so that no comparison mixes protocols), and under the setup most of its runs of
+    that protocol share; both choices count runs, never look at scores."""
+    headline = {
+        key: runs
+        for key, runs in cells.items()
+        if key[3] == "last" and math.isclose(key[4], runs[0]["record"]["headline_target"])
+    }
+    counts = defaultdict(lambda: defaultdict(int))  # task -> protocol -> runs
+    for (env, dataset, _algo, _ckpt, _target, fp), runs in headline.items():
+        counts[(env, dataset)][fp[:PROTOCOL]] += len(runs)
+    protocol = {task: max(sorted(c, key=str), key=lambda p: c[p]) for task, c in counts.items()}
     per_algo = defaultdict(lambda: defaultdict(list))
-    for (env, dataset, algo, checkpoint, target, _fp), runs in sorted(cells.items(), key=lambda kv: str(kv[0])):
-        if checkpoint == "last" and math.isclose(target, runs[0]["record"]["headline_target"]):
+    for (env, dataset, algo, _ckpt, _target, fp), runs in sorted(headline.items(), key=lambda kv: str(kv[0])):
+        if fp[:PROTOCOL] == protocol[(env, dataset)]:
             per_algo[algo][(env, dataset)].append([run["summary"]["normalized_score"] for run in runs])
     return {
         algo: {task: np.array(max(entries, key=len)) for task, entries in tasks.items()}
@@ -399,7 +426,7 @@ def to_markdown(report: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for g in headline_rows(report):
-        note = f" (protocol differs: {g['protocol_differs']})" if g["protocol_differs"] else ""
+        note = f" ({g['protocol_differs']} differ)" if g["protocol_differs"] else ""
         lines.append(
             f"| {g['protocol']['env']} | {g['dataset']}{note} | {_fmt(g['behaviour'])} | {g['algo']} "
             f"| {g['checkpoint']} "
@@ -452,15 +479,18 @@ def plot_figures(records: Sequence[dict], out: Path) -> list[Path]:
     by_task = defaultdict(lambda: defaultdict(list))  # runs of other protocols get curves of their own
     for r in records:
         if "last" in r["checkpoints"]:
-            p = r["checkpoints"]["last"]["protocol"]
-            label = f"{r['algo']}, {p['episodes_per_target']} ep., seeds {p['seeds'][0]}-{p['seeds'][1]}"
+            p, fp = r["checkpoints"]["last"]["protocol"], fingerprint(r["checkpoints"]["last"]["protocol"], r["config"])
+            setup = dict(zip(SETUP_FIELDS, fp[PROTOCOL:], strict=True))
+            label = f"{r['algo']} (K={setup['K']}, {setup['max_steps']} steps, {p['episodes_per_target']} ep.)"
             by_task[(r["env_id"], r["dataset"])][label].append(r)
     paths = []
     for (env, dataset), algos in sorted(by_task.items()):
         fig, (ax, lc) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
         lo, hi = [], []
         for algo, runs in sorted(algos.items()):
-            targets = sorted({s["target"] for r in runs for s in r["checkpoints"]["last"]["summary"]})
+            targets = sorted(
+                set.intersection(*({s["target"] for s in r["checkpoints"]["last"]["summary"]} for r in runs))
+            )
             per_run = np.array(
                 [
                     [

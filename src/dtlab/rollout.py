@@ -126,6 +126,7 @@ def rollout(
     check_timesteps(max_steps - 1, policy.max_ep_len, f"env.max_episode_steps={max_steps}", fix)
     targets = [float(t) for t in targets]
     n = len(targets) * episodes
+    training = model.training  # restored at the end, whatever the backend did
     policy = for_rollout(policy, backend, n)
     if vector_mode not in ("sync", "async"):
         raise DTLabError(f"eval.vector_mode={vector_mode!r} is unknown: use sync or async")
@@ -152,7 +153,6 @@ def rollout(
     trajectories = {"observations": [], "actions": [], "rewards": [], "alive": []}
     low, high = envs.single_action_space.low, envs.single_action_space.high
 
-    training = model.training
     model.eval()
     try:
         obs, _ = envs.reset(seed=seeds)
@@ -220,11 +220,14 @@ def summarize(target: float, returns: np.ndarray, lengths: np.ndarray, env: Mapp
     }
 
 
-def check_seed_ranges(n_targets: int, seed: int, episodes: int, report_seed: int, final_episodes: int) -> None:
+def check_seed_ranges(
+    train_targets: int, seed: int, episodes: int, final_targets: int, report_seed: int, final_episodes: int
+) -> None:
     """The in-training (selection) and final (reporting) evaluations must not share an env
-    seed, or a reported score would be measured on episodes that picked its checkpoint."""
-    selection = range(seed, seed + n_targets * episodes)
-    reporting = range(report_seed, report_seed + n_targets * final_episodes)
+    seed, or a reported score would be measured on episodes that picked its checkpoint. The
+    final evaluation may have more targets (target_return=sweep)."""
+    selection = range(seed, seed + train_targets * episodes)
+    reporting = range(report_seed, report_seed + final_targets * final_episodes)
     if final_episodes and selection.start < reporting.stop and reporting.start < selection.stop:
         raise DTLabError(
             f"eval.seed={seed} gives in-training env seeds {selection.start}-{selection.stop - 1}, which overlap the "

@@ -39,7 +39,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_timesteps(horizon - 1, cfg.data.max_ep_len, f"env.max_episode_steps={horizon}", "shorten the evaluations")
     warn_if_d4rl_in_v5(cfg.dataset.get("_target_"), cfg.env.id)
     targets = resolve_targets(cfg.target_return, episodes.returns)
-    check_seed_ranges(len(targets), cfg.eval.seed, cfg.eval.episodes, cfg.eval.report_seed, cfg.eval.final_episodes)
+    final_targets = resolve_targets(cfg.target_return, episodes.returns, final=True)
+    e = cfg.eval
+    check_seed_ranges(len(targets), e.seed, e.episodes, len(final_targets), e.report_seed, e.final_episodes)
     ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.output_dir)
 
     import lightning as L
