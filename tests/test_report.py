@@ -174,3 +174,17 @@ def test_statistics_agree_with_rliable():
     # standard error of a 2.5% / 97.5% bootstrap quantile at 10k replicates is ~2% of the
     # bootstrap distribution's spread (here ~4 points wide), so 0.5 points is ~4 standard errors.
     np.testing.assert_allclose(ours, theirs["dt"][:, 0], atol=0.5)
+
+
+def test_the_readme_results_are_the_committed_records_report():
+    """The README's HalfCheetah table is report.md of the committed run records, as its command
+    says: regenerating it from benchmarks/results/runs/halfcheetah gives the same text."""
+    from dtlab.report import to_markdown
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    start, end = "<!-- report:halfcheetah -->\n", "<!-- /report:halfcheetah -->"
+    committed = readme[readme.index(start) + len(start) : readme.index(end)]
+    records, incomplete = find_runs([root / "benchmarks" / "results" / "runs" / "halfcheetah"])
+    assert len(records) == 36 and not incomplete
+    assert to_markdown(build_report(records, incomplete)) == committed
