@@ -188,3 +188,14 @@ def test_the_readme_results_are_the_committed_records_report():
     records, incomplete = find_runs([root / "benchmarks" / "results" / "runs" / "halfcheetah"])
     assert len(records) == 36 and not incomplete
     assert to_markdown(build_report(records, incomplete)) == committed
+
+
+def test_the_report_goes_to_one_offline_wandb_run(sweep, tmp_path):
+    from dtlab.tracking import read_offline_run
+
+    out = tmp_path / "out"
+    main([str(sweep), "--out", str(out), "--wandb"])
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    run = read_offline_run(run_dir)
+    logged = set().union(*(row for row in run["history"]))
+    assert {"report/groups", "report/aggregates", "report/HalfCheetah-v5-halfcheetah-medium-v5"} <= logged

@@ -9,10 +9,13 @@ mask is always an input, so the padded first K-1 steps go through the same graph
 - `onnxruntime`: the model exported to ONNX (opset 17) and run by ONNX Runtime
   (`pip install 'dtlab[onnx]'`).
 
-`auto` picks the fastest exact one measured on CPU (benchmarks/eval_throughput.py):
-onnxruntime, else jit when onnxruntime is not installed (one log line says so); on other
-devices, eager. A backend is built once per evaluation, since the weights change between
-evaluations. A policy a backend cannot take runs eager, with one log line.
+`auto` picks the fastest exact one measured here (benchmarks/eval_throughput.py): eager. On
+the README's checkpoint (K=5) onnxruntime ran the rollout at 1.04x eager's env steps/s for
+20 envs and 0.59x for 80, jit at 0.81x and 1.00x; on a paper-size K=20 model at 0.59x / 0.94x
+and 1.08x / 0.95x. Eager runs unpadded windows without an attention mask (PyTorch's causal
+kernel), which a static graph cannot; that is worth more than the graph saves. A backend is
+built once per evaluation, since the weights change between evaluations. A policy a backend
+cannot take runs eager, with one log line.
 
 `export_policy` writes one file (ONNX or TorchScript) mapping a K-step window of raw
 observations, actions, raw returns-to-go and timesteps to the next action, state
@@ -82,18 +85,19 @@ def _example(policy: Policy, batch: int) -> tuple[torch.Tensor, ...]:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` -> the backend to use here; a named one whose package is missing -> the next."""
+    """`auto` -> the backend to use here (eager: the fastest measured); a named one whose
+    package is missing -> the next."""
     if backend not in BACKENDS:
         raise DTLabError(f"eval.backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
-    if device.type != "cpu":  # measured on CPU only; ONNX Runtime's session here is a CPU one
-        if backend == "onnxruntime":
-            log.warning("eval.backend=onnxruntime runs on CPU only: using eager on %s", device)
-        return "eager" if backend in ("auto", "onnxruntime") else backend
-    if backend in ("auto", "onnxruntime") and importlib.util.find_spec("onnxruntime") is None:
-        if backend == "onnxruntime":
-            log.warning("eval.backend=onnxruntime: onnxruntime is not installed (pip install 'dtlab[onnx]'): using jit")
+    if backend == "auto":
+        return "eager"
+    if device.type != "cpu" and backend == "onnxruntime":  # the session here is a CPU one
+        log.warning("eval.backend=onnxruntime runs on CPU only: using eager on %s", device)
+        return "eager"
+    if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        log.warning("eval.backend=onnxruntime: onnxruntime is not installed (pip install 'dtlab[onnx]'): using jit")
         return "jit"
-    return "onnxruntime" if backend == "auto" else backend
+    return backend
 
 
 class BackendPolicy:

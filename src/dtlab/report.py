@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from collections import defaultdict
@@ -542,10 +543,14 @@ def _learning_curve(runs: Sequence[dict]) -> tuple[list[int], np.ndarray] | None
     return steps, np.array([[s[t] for t in steps] for s in series])
 
 
-def log_to_wandb(report: dict, figures: Sequence[Path], project: str) -> None:
+def log_to_wandb(report: dict, figures: Sequence[Path], project: str, out: Path) -> None:
+    """One W&B run (offline without credentials, like training's) with the tables and figures."""
     import wandb
 
-    run = wandb.init(project=project, job_type="report", config={"runs": report["runs"]})
+    from dtlab.tracking import has_credentials
+
+    mode = None if os.environ.get("WANDB_MODE") or has_credentials() else "offline"
+    run = wandb.init(project=project, job_type="report", dir=str(out), mode=mode, config={"runs": report["runs"]})
     columns = ["env", "dataset", "algo", "checkpoint", "target", "runs", "mean", "std", "ci_low", "ci_high"]
     table = [[g["protocol"]["env"], *(g[c] for c in columns[1:])] for g in report["groups"]]
     run.log(
@@ -576,7 +581,7 @@ def report(args: argparse.Namespace) -> dict:
     (out / "report.md").write_text(to_markdown(result))
     (out / "report.tex").write_text(to_latex(result))
     if args.wandb:
-        log_to_wandb(result, figures, args.wandb_project)
+        log_to_wandb(result, figures, args.wandb_project, out)
     print(to_markdown(result))
     print(f"wrote {out / 'report.md'}, report.tex, report.json and {len(figures)} figures")
     return result
