@@ -129,6 +129,11 @@ def test_the_report_gives_the_known_table(sweep, tmp_path):
     markdown = (out / "report.md").read_text()
     assert "| HalfCheetah-v5 | halfcheetah-medium-v5 (episodes, top_fraction differ) | 35.0 | dt |" in markdown
     assert "42.0 +- 2.0" in markdown and "no number here was selected" in markdown
+    # the paper's layout: one row per dataset, each algorithm's cell under the protocol most runs share
+    assert markdown.startswith("| env | dataset | behaviour | DT | BC | DT Spearman | DT slope |\n")
+    ci = f"[{dt['ci_low']:.1f}, {dt['ci_high']:.1f}]"
+    row = f"| HalfCheetah-v5 | halfcheetah-medium-v5 | 35.0 | 42.0 {ci} (3) | 33.0 ["
+    assert row in markdown
     assert (out / "report.tex").read_text().startswith("\\begin{tabular}")
     assert (out / "HalfCheetah-v5-halfcheetah-medium-v5.png").stat().st_size > 10_000
     # the committed records alone give the same report

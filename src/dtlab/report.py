@@ -420,8 +420,45 @@ def protocol_line(report: dict) -> str:
     )
 
 
-def to_markdown(report: dict) -> str:
+ALGO_NAMES = {"dt": "DT", "bc": "BC", "pct_bc": "10%BC"}
+
+
+def paper_table(report: dict) -> list[str]:
+    """The DT paper's layout (its Tables 2 and 3): a row per dataset, the behaviour policy's
+    score and each algorithm's last.ckpt score at the headline target, mean [95% CI] over runs,
+    with DT's calibration. Where a cell has runs under more than one protocol, the one with most
+    runs (as for the aggregates)."""
+    cells: dict[tuple, dict] = {}
+    for g in headline_rows(report):
+        key = (g["protocol"]["env"], g["dataset"], g["algo"])
+        if g["checkpoint"] == "last" and (key not in cells or g["runs"] > cells[key]["runs"]):
+            cells[key] = g
+    algos = sorted({a for _, _, a in cells}, key=lambda a: (ALGO_ORDER.get(a, 9), a))
+    tasks = sorted({(e, d) for e, d, _ in cells})
     lines = [
+        "| env | dataset | behaviour | "
+        + " | ".join(ALGO_NAMES.get(a, a) for a in algos)
+        + " | DT Spearman | DT slope |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in algos) + " | --- | --- |",
+    ]
+    for env, dataset in tasks:
+        row = [cells.get((env, dataset, a)) for a in algos]
+        behaviour = next(g["behaviour"] for g in row if g)
+        scores = [f"{g['mean']:.1f} [{g['ci_low']:.1f}, {g['ci_high']:.1f}] ({g['runs']})" if g else "-" for g in row]
+        dt = cells.get((env, dataset, "dt"))
+        cal = dt["calibration"] if dt else {"spearman": None, "slope": None}
+        lines.append(
+            f"| {env} | {dataset} | {_fmt(behaviour)} | {' | '.join(scores)} "
+            f"| {_fmt(cal['spearman'], 2)} | {_fmt(cal['slope'], 2)} |"
+        )
+    return lines
+
+
+def to_markdown(report: dict) -> str:
+    lines = paper_table(report) + [
+        "",
+        "Each cell: last.ckpt at the headline target, mean [95% CI] (runs). Every checkpoint and algorithm:",
+        "",
         "| env | dataset | behaviour | algo | ckpt | target | runs | score (mean +- std) | 95% CI | Spearman | slope "
         "| steps | wall min |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
