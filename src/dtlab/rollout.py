@@ -306,10 +306,11 @@ def evaluation_record(protocol: dict, result: dict) -> dict:
 
 def format_summary(summary: Sequence[Mapping], checkpoint: str = "") -> str:
     """The table every evaluation prints: one row per target (never a max over them)."""
-    lines = [f"{'checkpoint':>10}  {'target':>10}  {'return (mean +- std)':>22}  {'normalized':>10}  {'episodes':>8}"]
+    # 15 wide: "pretrained@5000", an online run's end of pretraining
+    lines = [f"{'checkpoint':>15}  {'target':>10}  {'return (mean +- std)':>22}  {'normalized':>10}  {'episodes':>8}"]
     for s in summary:
         ret = f"{s['return_mean']:.1f} +- {s['return_std']:.1f}"
         lines.append(
-            f"{checkpoint:>10}  {s['target']:>10g}  {ret:>22}  {s['normalized_score']:>10.1f}  {s['episodes']:>8}"
+            f"{checkpoint:>15}  {s['target']:>10g}  {ret:>22}  {s['normalized_score']:>10.1f}  {s['episodes']:>8}"
         )
     return "\n".join(lines)
