@@ -374,10 +374,6 @@ class OnlineFinetuning(L.Callback):
         self.rounds_done, self.env_steps = 0, 0
         self.explore_return = float("nan")
 
-    @property
-    def total_steps(self) -> int:
-        return self.pretrain_steps + self.rounds * self.updates_per_round
-
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if pl_module.config.action_head != "gaussian":
             raise DTLabError("online finetuning samples from the gaussian head: set model.action_head=gaussian")
