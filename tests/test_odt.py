@@ -306,6 +306,30 @@ def test_a_smoke_run_goes_offline_then_online_then_to_the_final_evaluation(strai
     assert figure.stat().st_size > 10_000
 
 
+def test_the_offline_only_control_is_the_same_run_with_nothing_collected(straight, tmp_path):
+    control = fit(tmp_path, "online.trajectories_per_round=0", "algo.name=odt_offline")
+    checkpoints = {
+        (run, name): torch.load(run / "checkpoints" / f"{name}.ckpt", map_location="cpu", weights_only=False)
+        for run in (straight, control)
+        for name in ("pretrained", "last")
+    }
+    same = [torch.equal(v, checkpoints[(control, "pretrained")]["state_dict"][k])
+            for k, v in checkpoints[(straight, "pretrained")]["state_dict"].items()]  # fmt: skip
+    assert all(same)  # the same pretraining, bit for bit
+    last = checkpoints[(control, "last")]
+    assert last["global_step"] == P + ROUNDS * U  # the same extra steps ...
+    (stage,) = [k for k in last["callbacks"] if k.startswith("OnlineFinetuning")]
+    assert last["callbacks"][stage]["env_steps"] == 0 and last["callbacks"][stage]["rounds_done"] == ROUNDS
+    buffer = ReplayBuffer.from_state_dict(last["callbacks"][stage]["buffer"])
+    assert [t.source for t in buffer.trajectories] == [OFFLINE]  # ... on the offline episodes alone
+    key = "model.predict_action.weight"
+    assert not torch.equal(last["state_dict"][key], checkpoints[(straight, "last")]["state_dict"][key])
+    final = json.loads((control / "final_evaluation.json").read_text())
+    assert (
+        set(final["checkpoints"]) == {"last", "best", "pretrained"} and final["config"]["algo"]["name"] == "odt_offline"
+    )
+
+
 def replay(trajectory: Trajectory, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The env's own observations and rewards for the trajectory's actions from reset(seed)."""
     env = gym.make("HalfCheetah-v5")

@@ -460,6 +460,8 @@ class OnlineFinetuning(L.Callback):
         collected = (
             f"mean return {metrics['online/collected_return_mean']:.0f}, "
             f"mean length {metrics['online/collected_length_mean']:.0f}"
+            if n
+            else "nothing (the offline-only control)"
         )
         log.info(
             "online round %d/%d at step %d: %d env steps so far; collected %s; buffer of %d (%d online), "
@@ -468,7 +470,7 @@ class OnlineFinetuning(L.Callback):
             self.rounds,
             trainer.global_step,
             self.env_steps,
-            collected if n else "nothing",
+            collected,
             len(self.buffer),
             metrics["online/buffer_online_trajectories"],
             metrics["online/buffer_return_mean"],
