@@ -183,6 +183,30 @@ CASES = {
         2,
         "eval.seed=10010 gives in-training env seeds 10010-10013, which overlap the final evaluation's 10000-10019",
     ),
+    # algo=odt: its keys are in the schema too
+    "odt_without_the_gaussian_head": (
+        "train",
+        ["algo=odt", "model.action_head=deterministic"],
+        2,
+        "config: online finetuning samples its exploration from the gaussian head, but model.action_head="
+        "deterministic: use algo=odt",
+    ),
+    "gaussian_head_on_bc": ("train", ["algo=bc", "model.action_head=gaussian"], 2, "gaussian needs model.policy=dt"),
+    "odt_zero_updates_per_round": (
+        "train",
+        ["algo=odt", "online.updates_per_round=0"],
+        2,
+        "config: online.updates_per_round=0 is not allowed: it must be greater",
+    ),
+    "odt_zero_temperature_lr": ("train", ["algo=odt", "model.temperature_lr=0"], 2, "model.temperature_lr=0 is not"),
+    "odt_misspelled_key": ("train", ["algo=odt", "+online.round=3"], 2, "online.round is not a key of online (it has"),
+    "exploration_seeds_overlap_reporting": (
+        "train",
+        ["algo=odt", "online.seed=10002"],
+        2,
+        "online.seed=10002 gives exploration env seeds 10002-10011, which overlap the final evaluation's seeds "
+        "10000-10003 (eval.report_seed): keep the ranges apart",
+    ),
     "export_without_checkpoint": ("export", [], 2, "give ckpt_path=PATH: the dtlab checkpoint to export"),
     "evaluate_zero_episodes": ("evaluate", [f"ckpt_path={CKPT}", "eval.episodes=0"], 2, "eval.episodes=0 is not"),
     "evaluate_missing_checkpoint": ("evaluate", ["ckpt_path={inputs}/nope.ckpt"], 2, "does not exist: give"),

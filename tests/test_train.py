@@ -66,6 +66,8 @@ def test_every_config_composes_and_instantiates(make_cfg, group, option):
     instantiate(cfg.model, state_mean=[0.0] * 17, state_std=[1.0] * 17, **dims)
     for c in (cfg.callbacks or {}).values():
         instantiate(c)
+    if cfg.get("online") is not None:  # algo=odt's stage; dtlab.train passes env and targets
+        instantiate(cfg.online, env=dict(cfg.env), target_return=dict(cfg.target_return))
     for c in (cfg.logger or {}).values():
         instantiate(c)
     if cfg.trainer.accelerator == "cpu":  # other accelerators are composed, not started

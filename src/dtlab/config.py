@@ -56,6 +56,10 @@ class Model(_Group):  # dtlab.module.DTModule
     lr_schedule: Literal["constant", "cosine"]
     compile: bool
     policy: Literal["dt", "mlp_bc"] = "dt"  # conf/algo/
+    action_head: Literal["deterministic", "gaussian"] = "deterministic"  # gaussian: algo=odt
+    init_temperature: Annotated[float, Field(gt=0.0)] = 0.1
+    temperature_lr: Annotated[float, Field(gt=0.0)] = 1.0e-4
+    target_entropy: float | None = None  # null: -act_dim
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> Model:
@@ -64,6 +68,10 @@ class Model(_Group):  # dtlab.module.DTModule
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
                 "each head gets n_embd / n_head dims"
             )
+        if self.action_head == "gaussian" and self.policy != "dt":
+            raise ValueError(f"model.action_head=gaussian needs model.policy=dt: {self.policy} has no gaussian head")
+        if self.action_head == "gaussian" and not self.action_tanh:
+            raise ValueError("model.action_head=gaussian is tanh-squashed: it needs model.action_tanh=true")
         return self
 
 
@@ -125,6 +133,17 @@ class Trainer(_Open):  # lightning.pytorch.Trainer: the keys dtlab's data stream
     gradient_clip_val: Annotated[float, Field(ge=0.0)] | None = None
 
 
+class Online(_Group):  # dtlab.callbacks.OnlineFinetuning (algo=odt; dtlab.train passes env and targets)
+    pretrain_steps: NonNegative  # offline steps before the first round
+    rounds: NonNegative
+    updates_per_round: Positive
+    trajectories_per_round: NonNegative  # 0: collect nothing, the offline-only control
+    buffer_size: Positive  # trajectories
+    explore_return_multiple: Annotated[float, Field(gt=0.0)]  # of the highest in-training target
+    seed: NonNegative  # exploration env seeds: seed .. seed + rounds x trajectories_per_round - 1
+    checkpoints_dir: str
+
+
 class _Command(BaseModel):
     model_config = ConfigDict(extra="allow", strict=False)
     seed: NonNegative = 0
@@ -143,6 +162,18 @@ class TrainConfig(_Command):  # conf/train.yaml
     model: Model
     data: Data
     trainer: Trainer
+    online: Online | None = None  # algo=odt
+
+    @model_validator(mode="after")
+    def _online_needs_the_gaussian_head(self) -> TrainConfig:
+        if self.online is not None and self.model.action_head != "gaussian":
+            raise ValueError(
+                f"online finetuning samples its exploration from the gaussian head, but model.action_head="
+                f"{self.model.action_head}: use algo=odt (or model.action_head=gaussian)"
+            )
+        if self.online is not None and self.online.pretrain_steps + self.online.rounds == 0:
+            raise ValueError("online.pretrain_steps=0 and online.rounds=0 leave nothing to train: set either above 0")
+        return self
 
 
 class EvaluateConfig(_Command):  # conf/evaluate.yaml

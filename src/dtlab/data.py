@@ -476,12 +476,13 @@ def top_episodes(episodes: Episodes, fraction: float) -> np.ndarray:
     return np.sort(order[:keep])
 
 
-# Random streams of a training step, each seeded by (seed, rank, step, stream) alone.
-BATCHES, DROPOUT = 0, 1
+# Random streams of a training step, each seeded by (seed, rank, step, stream) alone: the
+# batch, dropout, the gaussian head's entropy sample, an online round's exploration noise.
+BATCHES, DROPOUT, ENTROPY, EXPLORATION = 0, 1, 2, 3
 
 
 def stream_seed(seed: int, rank: int, step: int, stream: int = BATCHES) -> int:
-    """The seed of random stream `stream` (BATCHES, DROPOUT) at training step `step` of
+    """The seed of random stream `stream` (BATCHES, DROPOUT, ...) at training step `step` of
     process `rank`. It depends only on these four numbers, so a resumed run draws exactly the
     batches and dropout masks the uninterrupted run would have; and the streams are
     independent, so a dropout mask is no function of the batch drawn beside it."""

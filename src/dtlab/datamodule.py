@@ -26,23 +26,22 @@ from dtlab.data import (
 VAL_STREAM = 2**31 - 1  # the "rank" whose batch stream is the validation set
 
 
-class _Batches(IterableDataset):
-    """An endless stream of sampled batches, one per training step from `start_step` on."""
+class _Steps(IterableDataset):
+    """An endless stream of training step numbers from `start_step` on; each becomes its batch
+    in `TrajectoryDataModule.on_before_batch_transfer`, at the step itself. Drawn any earlier
+    (a loader that prefetches), a batch could miss the trajectories an online round adds to
+    the data at the end of the step before (dtlab.callbacks.OnlineFinetuning)."""
 
-    def __init__(
-        self, sampler: WindowSampler, batch_size: int, seed: int, rank: int, start_step: int, total_steps: int
-    ) -> None:
-        self.sampler, self.batch_size = sampler, batch_size
-        self.seed, self.rank, self.start_step, self.total_steps = seed, rank, start_step, total_steps
+    def __init__(self, start_step: int, total_steps: int) -> None:
+        self.start_step, self.total_steps = start_step, total_steps
 
     def __len__(self) -> int:
         return self.total_steps  # for the progress bar; iteration stops at trainer.max_steps
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[int]:
         step = self.start_step
         while True:
-            generator = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, step, BATCHES))
-            yield self.sampler.sample(self.batch_size, generator)
+            yield step
             step += 1
 
 
@@ -50,8 +49,8 @@ class TrajectoryDataModule(L.LightningDataModule):
     """Serves training windows and a held-out validation set of whole episodes.
 
     After `setup()`: `state_mean`, `state_std`, `train` and `val` (Episodes), `trained_on`
-    (the training episodes windows are drawn from: `train`, or its top fraction),
-    `episode_returns` (all episodes) and `report` are available."""
+    (the training episodes windows are drawn from: `train`, or its top fraction, until
+    `use_episodes` replaces them), `episode_returns` (all episodes) and `report` are available."""
 
     def __init__(
         self,
@@ -97,24 +96,37 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.trained_on = self.train.select(kept)
         name = f"top {self.top_fraction:g} of train" if self.top_fraction < 1 else None
         self.report = dataset_report(episodes, self.ref_scores, train_ids[kept] if name else None, name or "")
-        self._train_sampler = self._sampler(self.trained_on)
+        self.train_sampler = self._sampler(self.trained_on)
 
     def _sampler(self, episodes: Episodes) -> WindowSampler:
         return WindowSampler(
             episodes, self.context_length, self.reward_scale, self.state_mean, self.state_std, self.max_ep_len
         )
 
+    def use_episodes(self, episodes: Episodes) -> None:
+        """Draw the training windows of every later step from `episodes` (an online round's
+        replay buffer), normalized with the training split's state statistics as before."""
+        self.train_sampler = self._sampler(episodes)
+
+    def batch_at(self, step: int, rank: int = 0) -> dict[str, torch.Tensor]:
+        """The training batch of step `step` on process `rank`: a function of (seed, rank, step)
+        and the episodes drawn from, so that a resumed run draws what the uninterrupted one did."""
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, rank, step, BATCHES))
+        return self.train_sampler.sample(self.batch_size, generator)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        batches = _Batches(
-            self._train_sampler,
-            self.batch_size,
-            self.seed,
-            rank=trainer.global_rank if trainer else 0,
+        steps = _Steps(
             start_step=trainer.global_step if trainer else 0,
             total_steps=max(trainer.max_steps, 1) if trainer else 1,
         )
-        return DataLoader(batches, batch_size=None)
+        return DataLoader(steps, batch_size=None)
+
+    def on_before_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
+        """A training step number becomes its batch here, when Lightning runs that step."""
+        if isinstance(batch, int):
+            return self.batch_at(batch, self.trainer.global_rank if self.trainer else 0)
+        return batch  # a validation batch
 
     def val_dataloader(self) -> DataLoader:
         """The same fixed windows of the held-out episodes at every validation."""

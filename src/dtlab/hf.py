@@ -205,7 +205,9 @@ def from_transformers(model_or_path: DecisionTransformerModel | str | Path, cont
 def to_transformers(module_or_model: torch.nn.Module, out_dir: str | Path | None = None) -> DecisionTransformerModel:
     """The same policy as a `DecisionTransformerModel`, from a `DTModule` or a bare
     `DecisionTransformer`. With `out_dir`, also `save_pretrained` it there with `dtlab.json`
-    (K, and for a DTModule its env id, state mean/std and reward scale)."""
+    (K, and for a DTModule its env id, state mean/std and reward scale). A gaussian head
+    (algo=odt) converts to its mean action tanh(mu), what every evaluation acts with:
+    transformers has no stochastic head, so its log std is left behind."""
     transformers = _transformers()
     model = module_or_model if isinstance(module_or_model, DecisionTransformer) else module_or_model.model
     if not isinstance(model, DecisionTransformer):

@@ -4,6 +4,11 @@ Each timestep t contributes three tokens, interleaved R_1, s_1, a_1, R_2, s_2, a
 (R = return-to-go). A causal GPT over the 3K tokens predicts action a_t from the hidden
 state of token s_t, which has seen R_1..R_t, s_1..s_t and a_1..a_{t-1}.
 
+With `action_head="gaussian"` (the Online Decision Transformer, Zheng et al. 2022) the head
+is a tanh-squashed diagonal Gaussian: `forward` still returns one action, its mean tanh(mu),
+so every caller acts with it unchanged; `action_distribution` gives (mu, log_std) for the
+likelihood and for sampled exploration (`squashed_log_prob`, `squashed_sample`).
+
 MLPBC, the behaviour-cloning baseline, takes the same inputs and config. Usable without
 Lightning or Hydra:
 
@@ -37,6 +42,36 @@ class DTConfig:
     # default; conf/model/small.yaml). "gelu" stays the default: checkpoints written before
     # the choice existed were trained with it. See dtlab.hf.
     activation: str = "gelu"
+    # "deterministic": one action per step (the DT paper's, trained by MSE); "gaussian": a
+    # tanh-squashed diagonal Gaussian (the ODT paper's, trained by likelihood), whose mean
+    # tanh(mu) forward() returns; it always squashes, so it needs action_tanh.
+    action_head: str = "deterministic"
+
+
+ACTION_HEADS = ("deterministic", "gaussian")
+# log std of the gaussian head, squashed into this range (the ODT reference code's, from
+# pytorch_sac): std from e^-5 = 0.007 (near-deterministic) to e^2 = 7.4 (near-uniform after tanh)
+LOG_STD_BOUNDS = (-5.0, 2.0)
+
+
+def squashed_log_prob(u: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log pi(a) of a = tanh(u) under the tanh-squashed diagonal Gaussian N(mu, exp(log_std)^2),
+    summed over the last (action) dim: sum_i log N(u_i) - log(1 - tanh(u_i)^2), in closed form.
+    log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) holds for every u and is finite where
+    1 - tanh(u)^2 rounds to 0 (|u| > ~9 in float32). Takes the pre-tanh u, not a: from a
+    sample, u is at hand exactly; for a dataset action, u = atanh(a) of an action clamped
+    inside (-1, 1) by the caller (dtlab.module)."""
+    z = (u - mu) * torch.exp(-log_std)
+    log_normal = -0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+    return (log_normal - log_det).sum(dim=-1)
+
+
+def squashed_sample(mu: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A draw from the squashed Gaussian given standard normal `noise` (shaped like mu), by
+    reparameterization (gradients flow to mu and log_std): (a, u) with a = tanh(u)."""
+    u = mu + torch.exp(log_std) * noise
+    return torch.tanh(u), u
 
 
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
@@ -125,7 +160,13 @@ class DecisionTransformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(C)
-        self.predict_action = nn.Linear(C, config.act_dim)
+        if config.action_head not in ACTION_HEADS:
+            raise ValueError(f"action_head={config.action_head!r} is unknown: use one of {ACTION_HEADS}")
+        if config.action_head == "gaussian" and not config.action_tanh:
+            raise ValueError("action_head='gaussian' is tanh-squashed: it needs action_tanh=True")
+        self.predict_action = nn.Linear(C, config.act_dim)  # the action; the gaussian's mu
+        if config.action_head == "gaussian":
+            self.predict_log_std = nn.Linear(C, config.act_dim)
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so depth keeps the variance
         for name, p in self.named_parameters():
@@ -157,8 +198,40 @@ class DecisionTransformer(nn.Module):
         whatever their values.
 
         Returns (B, K, act_dim), the action predicted at every step; with last_only=True,
-        (B, act_dim) for the last step only, skipping work no other output needs.
+        (B, act_dim) for the last step only, skipping work no other output needs. The gaussian
+        head returns its mean action tanh(mu).
         """
+        return self._head(self._hidden(states, actions, returns_to_go, timesteps, mask, last_only))
+
+    def action_distribution(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        returns_to_go: torch.Tensor,
+        timesteps: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gaussian head's (mu, log_std), each shaped as forward()'s output, from the same
+        inputs: the pre-tanh Gaussian of the squashed action distribution."""
+        if self.config.action_head != "gaussian":
+            raise ValueError("action_distribution needs action_head='gaussian'; this model is deterministic")
+        h = self._hidden(states, actions, returns_to_go, timesteps, mask, last_only)
+        low, high = LOG_STD_BOUNDS
+        log_std = low + 0.5 * (high - low) * (torch.tanh(self.predict_log_std(h)) + 1.0)
+        return self.predict_action(h), log_std
+
+    def _hidden(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        returns_to_go: torch.Tensor,
+        timesteps: torch.Tensor,
+        mask: torch.Tensor | None,
+        last_only: bool,
+    ) -> torch.Tensor:
+        """The final hidden states of the state tokens s_1..s_K, (B, K, C), or of s_K alone,
+        (B, C), with last_only: what the heads read."""
         B, K, _ = states.shape
         if mask is not None:
             # Zero padded inputs so that no pad value (even inf or NaN) can reach real tokens
@@ -191,8 +264,8 @@ class DecisionTransformer(nn.Module):
             x = block(x, attn_mask, last_only=last_only and i == len(self.h) - 1)  # (B, T or 1, C)
         x = self.ln_f(x)
         if last_only:
-            return self._head(x[:, -1])  # (B, act_dim)
-        return self._head(x[:, 1::3])  # hidden states of s_1..s_K: (B, K, act_dim)
+            return x[:, -1]  # (B, C)
+        return x[:, 1::3]  # hidden states of s_1..s_K: (B, K, C)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         out = self.predict_action(h)
@@ -215,6 +288,8 @@ class MLPBC(nn.Module):
 
     def __init__(self, config: DTConfig) -> None:
         super().__init__()
+        if config.action_head != "deterministic":
+            raise ValueError(f"MLPBC has a deterministic head only, not action_head={config.action_head!r}")
         self.config = config
         K, H = config.context_length, config.n_embd
         layers: list[nn.Module] = [nn.Linear(K * config.state_dim, H)]

@@ -1,5 +1,7 @@
 """DTModule: a policy network as a Lightning system (loss, optimizer, schedule, logging): the
-Decision Transformer, or the behaviour-cloning MLP trained the same way (`policy`).
+Decision Transformer, or the behaviour-cloning MLP trained the same way (`policy`); with
+`action_head="gaussian"`, the Online Decision Transformer's stochastic policy, trained by
+likelihood under an entropy constraint with a learned temperature.
 
 Everything a policy needs travels in the checkpoint (state mean/std, reward scale, K, env id
 and dims), so `DTModule.load_from_checkpoint(path)` alone gives a working `act()`.
@@ -13,11 +15,17 @@ from collections.abc import Sequence
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 
 from dtlab import DTLabError
-from dtlab.data import DROPOUT, stream_seed
-from dtlab.model import MLPBC, POLICIES, DecisionTransformer, DTConfig
+from dtlab.data import DROPOUT, ENTROPY, stream_seed
+from dtlab.model import MLPBC, POLICIES, DecisionTransformer, DTConfig, squashed_log_prob, squashed_sample
 from dtlab.policy import Policy, check_timesteps, windows
+
+# Dataset actions are clamped into [-1 + eps, 1 - eps] before the gaussian head's inverse tanh:
+# an action at a bound (data recorded with clipping holds many) would be atanh(+-1) = +-inf.
+# The ODT reference code's action_range epsilon.
+ACTION_EPS = 1e-6
 
 
 class DTModule(L.LightningModule):
@@ -45,6 +53,10 @@ class DTModule(L.LightningModule):
         compile: bool = False,
         seed: int = 0,
         policy: str = "dt",
+        action_head: str = "deterministic",
+        init_temperature: float = 0.1,
+        temperature_lr: float = 1e-4,
+        target_entropy: float | None = None,
     ) -> None:
         """Dims, env and normalization come from the env config and the data; the rest are the
         DT paper's hyperparameters (Chen et al. 2021, Table 8), its defaults, except
@@ -56,7 +68,13 @@ class DTModule(L.LightningModule):
         seed: the run's seed; the dropout masks of a training step are drawn from it.
         policy: the network, "dt" (DecisionTransformer) or "mlp_bc" (MLPBC, behaviour cloning:
         n_layer, n_embd, dropout and K size its MLP); both are trained the same way, by MSE on
-        the dataset's actions at every real step of the window (conf/algo/)."""
+        the dataset's actions at every real step of the window (conf/algo/).
+        action_head: "deterministic" (MSE, above) or "gaussian" (the ODT paper, Zheng et al.
+        2022: maximum likelihood of the dataset's actions under a tanh-squashed Gaussian,
+        plus temperature x its entropy; conf/algo/odt.yaml). The temperature is learned so
+        that the entropy stays above `target_entropy` (None: -act_dim, the paper's), starting
+        at `init_temperature` (the reference code's 0.1), by Adam at `temperature_lr` (its
+        1e-4), constant: the policy's warmup and decay are no part of it."""
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
             raise DTLabError(f"model.lr_schedule={lr_schedule!r} is unknown: use constant or cosine")
@@ -76,10 +94,18 @@ class DTModule(L.LightningModule):
             dropout=dropout,
             activation=activation,
             action_tanh=action_tanh,
+            action_head=action_head,
         )
         if policy not in POLICIES:
             raise DTLabError(f"model.policy={policy!r} is unknown: use one of {sorted(POLICIES)}")
-        self.model: DecisionTransformer | MLPBC = POLICIES[policy](self.config)
+        try:
+            self.model: DecisionTransformer | MLPBC = POLICIES[policy](self.config)
+        except ValueError as e:  # a head the network does not have
+            raise DTLabError(f"model: {e}") from None
+        if action_head == "gaussian":
+            # log temperature, a parameter of the system rather than of the policy: the policy
+            # acts without it, and its gradient is kept out of the policy's (see the losses)
+            self.log_alpha = nn.Parameter(torch.tensor(math.log(init_temperature)))
         if compile:
             self.model.compile()
         self.register_buffer("state_mean", torch.tensor(state_mean, dtype=torch.float32))
@@ -104,6 +130,40 @@ class DTModule(L.LightningModule):
         err = ((pred - batch["actions"]) ** 2).mean(dim=-1)  # (B, K)
         return (err * mask).sum() / mask.sum()
 
+    @property
+    def target_entropy(self) -> float:
+        """The entropy the temperature keeps the gaussian policy above (nats, per step)."""
+        te = self.hparams.target_entropy
+        return -float(self.hparams.act_dim) if te is None else float(te)
+
+    def _likelihood_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The ODT objective over real steps. The policy maximizes log-likelihood of the
+        dataset's actions plus temperature x entropy; the temperature minimizes
+        temperature x (entropy - target), so it rises while the entropy is below the target
+        (making entropy pay more) and falls while above. Each loss is detached where it meets
+        the other's parameters, so that one backward of their sum gives each its own gradient
+        (as the reference code's two optimizers do)."""
+        mask = batch["mask"]
+        mu, log_std = self.model.action_distribution(
+            batch["states"], batch["actions"], batch["returns_to_go"], batch["timesteps"], mask
+        )  # (B, K, act_dim) each
+        steps = mask.sum()
+        u = torch.atanh(batch["actions"].clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS))
+        log_likelihood = (squashed_log_prob(u, mu, log_std) * mask).sum() / steps
+        # entropy as the paper estimates it, -E[log pi(a)] from one reparameterized sample a
+        # per step (differentiable in mu and log_std); over real steps only: a pad is no state
+        noise = torch.randn(mu.shape, generator=self._entropy_noise).to(mu.device)
+        _, u_sample = squashed_sample(mu, log_std, noise)
+        entropy = -(squashed_log_prob(u_sample, mu, log_std) * mask).sum() / steps
+        temperature = self.log_alpha.exp()
+        return {
+            "policy": -(log_likelihood + temperature.detach() * entropy),
+            "temperature": temperature * (entropy.detach() - self.target_entropy),
+            "nll": -log_likelihood.detach(),
+            "entropy": entropy.detach(),
+            "alpha": temperature.detach(),
+        }
+
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Dropout draws from the global torch generator. Seeding it from (seed, rank, step) makes
         # step t the same whether or not the run was stopped and resumed before it: no generator
@@ -115,18 +175,48 @@ class DTModule(L.LightningModule):
             torch.default_generator.manual_seed(seed)
         else:
             torch.manual_seed(seed)
+        # the gaussian head's entropy sample: a stream of its own, for the same reasons
+        self._entropy_noise = torch.Generator().manual_seed(
+            stream_seed(self.hparams.seed, self.global_rank, self.global_step, ENTROPY)
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._action_mse(batch)
+        if self.config.action_head == "gaussian":
+            losses = self._likelihood_losses(batch)
+            loss, total = losses["policy"], losses["policy"] + losses["temperature"]
+        else:
+            loss = total = self._action_mse(batch)
         # Stop before a non-finite loss reaches the weights: they, and every checkpoint, stay good.
-        if not torch.isfinite(loss):
+        if not torch.isfinite(total):
             raise DTLabError(
                 f"train/loss is {loss.item()} at step {self.global_step}: training stopped and the "
                 "checkpoints keep the last good weights; lower model.learning_rate or check the data"
             )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
-        return loss
+        if self.config.action_head == "gaussian":
+            self.log("train/nll", losses["nll"])
+            self.log("train/entropy", losses["entropy"])
+            self.log("train/temperature", losses["alpha"])
+        return total
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping for the policy; with a temperature, the policy's gradient alone:
+        the temperature's (|alpha (H - target)|, often above the 0.25 norm limit) inside the
+        same norm would shrink every policy step. The reference code clips the model's only."""
+        if self.config.action_head != "gaussian":
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif gradient_clip_val:
+            policy = list(self.model.parameters())
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(policy, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(policy, gradient_clip_val)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # under DDP each rank validates its share of the batches: average over ranks
@@ -134,9 +224,14 @@ class DTModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            self.model.parameter_groups(hp.weight_decay), lr=hp.learning_rate, betas=tuple(hp.betas)
-        )
+        groups = self.model.parameter_groups(hp.weight_decay)
+        if self.config.action_head == "gaussian":
+            # The temperature's own optimizer as a third group: AdamW without weight decay is
+            # Adam, and Adam's update is per parameter, so this is the reference's separate
+            # Adam(lr=temperature_lr) exactly, while Lightning keeps its automatic optimization
+            # (one optimizer, one scheduler, clipping, checkpoints) for every algorithm.
+            groups.append({"params": [self.log_alpha], "weight_decay": 0.0, "lr": hp.temperature_lr})
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
         warmup, total = max(hp.warmup_steps, 1), self.trainer.max_steps if self.trainer else -1
 
         def factor(step: int) -> float:
@@ -146,7 +241,9 @@ class DTModule(L.LightningModule):
                 return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
             return 1.0
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # the policy's schedule; the temperature's rate stays constant (the reference's too)
+        factors = factor if len(groups) == 2 else [factor, factor, lambda step: 1.0]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @torch.inference_mode()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dtlab import DTLabError
+from dtlab.model import squashed_sample
 
 if TYPE_CHECKING:
     from dtlab.model import DecisionTransformer
@@ -121,3 +122,16 @@ class Policy:
         return self.model(
             window["states"], window["actions"], window["returns_to_go"], window["timesteps"], mask, last_only=True
         )
+
+    def sample(self, window: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """A next action (B, act_dim) drawn from the gaussian head's squashed Gaussian, its
+        standard normal noise from `generator` (a CPU one, so that a seed draws the same
+        actions on any device): exploration. Windows and mode as in `act`."""
+        mask = window["mask"]
+        if bool(mask.all()):
+            mask = None
+        mu, log_std = self.model.action_distribution(
+            window["states"], window["actions"], window["returns_to_go"], window["timesteps"], mask, last_only=True
+        )
+        noise = torch.randn(mu.shape, generator=generator).to(mu.device)
+        return squashed_sample(mu, log_std, noise)[0]

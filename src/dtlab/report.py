@@ -229,6 +229,7 @@ def fingerprint(protocol: dict, config: dict) -> tuple:
     training setup (a run's algorithm name alone does not say its budget, size or data share)."""
     v = protocol["versions"]
     model, data, trainer = config.get("model", {}), config.get("data", {}), config.get("trainer", {})
+    online = config.get("online")  # algo=odt: its rounds, trajectories and steps a round, buffer
     return (
         protocol["env_id"],
         protocol["max_episode_steps"],
@@ -243,11 +244,13 @@ def fingerprint(protocol: dict, config: dict) -> tuple:
         model.get("learning_rate"),
         trainer.get("max_steps"),
         data.get("top_fraction", 1.0),
+        online and "x".join(str(online.get(k)) for k in ONLINE_SETUP),
     )
 
 
+ONLINE_SETUP = ("rounds", "trajectories_per_round", "updates_per_round", "buffer_size")
 FINGERPRINT_FIELDS = ("env", "horizon", "episodes", "seeds", "gymnasium", "mujoco")  # the protocol
-SETUP_FIELDS = ("policy", "K", "n_layer", "n_embd", "lr", "max_steps", "top_fraction")  # the training
+SETUP_FIELDS = ("policy", "K", "n_layer", "n_embd", "lr", "max_steps", "top_fraction", "online")  # the training
 PROTOCOL = len(FINGERPRINT_FIELDS)
 
 
@@ -308,7 +311,7 @@ def build_report(records: Sequence[dict], incomplete: Sequence[dict]) -> dict:
                 "wall_time_min": float(np.mean([run["record"]["wall_time_s"] or 0 for run in runs]) / 60),
                 "protocol": dict(zip(FINGERPRINT_FIELDS, fp[:PROTOCOL], strict=True)),
                 "setup": dict(zip(SETUP_FIELDS, fp[PROTOCOL:], strict=True)),
-                "protocol_differs": differences(sorted(others)) if len(others) > 1 else "",
+                "protocol_differs": differences(sorted(others, key=str)) if len(others) > 1 else "",
                 "target_rule": runs[0]["protocol"]["target_rule"],
             }
         )
@@ -322,7 +325,7 @@ def build_report(records: Sequence[dict], incomplete: Sequence[dict]) -> dict:
     }
 
 
-ALGO_ORDER = {"dt": 0, "bc": 1, "pct_bc": 2}
+ALGO_ORDER = {"dt": 0, "odt": 1, "odt_offline": 2, "bc": 3, "pct_bc": 4}
 
 
 def _order(item: tuple) -> tuple:
@@ -508,7 +511,8 @@ def to_latex(report: dict) -> str:
 
 def plot_figures(records: Sequence[dict], out: Path) -> list[Path]:
     """Per dataset: every algorithm's return-conditioning curve (mean over runs, 95% bootstrap
-    band, the diagonal, the data's range shaded), and its learning curve at the headline target."""
+    band, the diagonal, the data's range shaded), and its learning curve at the headline target;
+    where runs finetuned online, a third panel: that curve against online env steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -523,7 +527,9 @@ def plot_figures(records: Sequence[dict], out: Path) -> list[Path]:
             by_task[(r["env_id"], r["dataset"])][label].append(r)
     paths = []
     for (env, dataset), algos in sorted(by_task.items()):
-        fig, (ax, lc) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+        online = any(_online_curve(runs) for runs in algos.values())
+        fig, axes = plt.subplots(1, 3 if online else 2, figsize=(15 if online else 10, 4), dpi=100)
+        ax, lc = axes[:2]
         lo, hi = [], []
         for algo, runs in sorted(algos.items()):
             targets = sorted(
@@ -551,6 +557,13 @@ def plot_figures(records: Sequence[dict], out: Path) -> list[Path]:
                 if len(values) > 1:
                     b = np.array([mean_ci(col) for col in values.T])
                     lc.fill_between(steps, b[:, 0], b[:, 1], color=line.get_color(), alpha=0.2)
+            curve = _online_curve(runs) if online else None
+            if curve:
+                env_steps, values = curve
+                axes[2].plot(env_steps, values.mean(0), "o-", color=line.get_color(), label=algo)
+                if len(values) > 1:
+                    b = np.array([mean_ci(col) for col in values.T])
+                    axes[2].fill_between(env_steps, b[:, 0], b[:, 1], color=line.get_color(), alpha=0.2)
         data = [r.get("data_returns") for runs in algos.values() for r in runs if r.get("data_returns")]
         if data:
             d_lo, d_hi = min(d["min"] for d in data), max(d["max"] for d in data)
@@ -562,6 +575,13 @@ def plot_figures(records: Sequence[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=7, loc="upper left")
         lc.set(xlabel="training step", ylabel="normalized score (in training, headline target)", title="learning curve")
         lc.legend(fontsize=7)
+        if online:
+            axes[2].set(
+                xlabel="online env steps (mean over runs)",
+                ylabel="normalized score (in training, headline target)",
+                title="online finetuning, from the end of pretraining",
+            )
+            axes[2].legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{env}-{dataset}.png"
         fig.savefig(path)
@@ -578,6 +598,24 @@ def _learning_curve(runs: Sequence[dict]) -> tuple[list[int], np.ndarray] | None
     if not steps:
         return None
     return steps, np.array([[s[t] for t in steps] for s in series])
+
+
+def _online_curve(runs: Sequence[dict]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(online env steps, (runs, evaluations) normalized scores at the headline target) from
+    the end of pretraining on, over the evaluation steps every run has; the env steps of an
+    evaluation (those its weights were trained on) averaged over runs, as they differ by run.
+    None unless the runs collected (the offline-only control never does)."""
+    key = f"eval/{runs[0]['headline_target']:g}/normalized_score"
+    series = []
+    for r in runs:
+        start = ((r.get("config") or {}).get("online") or {}).get("pretrain_steps")
+        entries = [h for h in r.get("history", []) if key in h and "online/env_steps" in h]
+        series.append({h["step"]: h for h in entries if start is not None and h["step"] >= start})
+    steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    if not steps or not any(s[steps[-1]]["online/env_steps"] > 0 for s in series):
+        return None
+    env_steps = np.array([[s[t]["online/env_steps"] for t in steps] for s in series]).mean(0)
+    return env_steps, np.array([[s[t][key] for t in steps] for s in series])
 
 
 def log_to_wandb(report: dict, figures: Sequence[Path], project: str, out: Path) -> None:

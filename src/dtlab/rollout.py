@@ -109,6 +109,7 @@ def rollout(
     record: bool = False,
     progress: bool = True,
     backend: str = "eager",
+    sample_seed: int | None = None,
 ) -> dict:
     """Run `episodes` episodes for each target return, all at once.
 
@@ -119,6 +120,9 @@ def rollout(
     (raw observations, actions, rewards and the steps each env was alive, as arrays
     [N, T, ...]) when `record`. `backend`: how the model runs (dtlab.inference: eager, jit,
     onnxruntime, or auto, the fastest exact one here), built once for this rollout.
+    `sample_seed`: None acts with the policy's action (for the gaussian head its mean: every
+    evaluation); a seed samples each action from the gaussian head's distribution instead, the
+    noise from one generator seeded with it (exploration for online finetuning; eager).
     """
     model, K = policy.model, policy.context_length
     max_steps = int(env["max_episode_steps"])
@@ -127,7 +131,9 @@ def rollout(
     targets = [float(t) for t in targets]
     n = len(targets) * episodes
     training = model.training  # restored at the end, whatever the backend did
-    policy = for_rollout(policy, backend, n)
+    # exploration calls the head's distribution, which the backends' graphs do not export
+    policy = for_rollout(policy, backend if sample_seed is None else "eager", n)
+    generator = None if sample_seed is None else torch.Generator().manual_seed(sample_seed)
     if vector_mode not in ("sync", "async"):
         raise DTLabError(f"eval.vector_mode={vector_mode!r} is unknown: use sync or async")
     if video_frames and vector_mode != "sync":
@@ -163,7 +169,7 @@ def rollout(
             first = max(t - K + 1, 0)  # the window holds steps first..t, left-padded while t < K-1
             count = torch.full((n,), t - first + 1, device=device)
             window = windows(states, actions, returns_to_go, sequence_start, count.new_full((n,), first), count, K)
-            action = policy.act(window)  # (N, act_dim)
+            action = policy.act(window) if generator is None else policy.sample(window, generator)  # (N, act_dim)
             actions[rows] = action
             action = np.clip(action.float().cpu().numpy(), low, high)
             for i, env_id in enumerate(frame_envs):
@@ -236,6 +242,17 @@ def check_seed_ranges(
         )
 
 
+def check_exploration_seeds(explore: range, selection: range, reporting: range) -> None:
+    """Online finetuning's env seeds (its training data) must be neither the selection seeds nor
+    the reporting ones: a score must not be measured on episodes the policy was trained on."""
+    for name, key, other in (("in-training", "eval.seed", selection), ("final", "eval.report_seed", reporting)):
+        if explore and other and explore.start < other.stop and other.start < explore.stop:
+            raise DTLabError(
+                f"online.seed={explore.start} gives exploration env seeds {explore.start}-{explore.stop - 1}, which "
+                f"overlap the {name} evaluation's seeds {other.start}-{other.stop - 1} ({key}): keep the ranges apart"
+            )
+
+
 def protocol(
     env: Mapping,
     targets: Sequence[float],
@@ -289,10 +306,11 @@ def evaluation_record(protocol: dict, result: dict) -> dict:
 
 def format_summary(summary: Sequence[Mapping], checkpoint: str = "") -> str:
     """The table every evaluation prints: one row per target (never a max over them)."""
-    lines = [f"{'checkpoint':>10}  {'target':>10}  {'return (mean +- std)':>22}  {'normalized':>10}  {'episodes':>8}"]
+    # 15 wide: "pretrained@5000", an online run's end of pretraining
+    lines = [f"{'checkpoint':>15}  {'target':>10}  {'return (mean +- std)':>22}  {'normalized':>10}  {'episodes':>8}"]
     for s in summary:
         ret = f"{s['return_mean']:.1f} +- {s['return_std']:.1f}"
         lines.append(
-            f"{checkpoint:>10}  {s['target']:>10g}  {ret:>22}  {s['normalized_score']:>10.1f}  {s['episodes']:>8}"
+            f"{checkpoint:>15}  {s['target']:>10g}  {ret:>22}  {s['normalized_score']:>10.1f}  {s['episodes']:>8}"
         )
     return "\n".join(lines)

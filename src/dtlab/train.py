@@ -11,13 +11,13 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dtlab.cli import CONF_DIR, CheckOutputDir, check_plugins, find_checkpoint, run_cli  # noqa: F401 - CheckOutputDir: 0.1 configs name it here
 from dtlab.config import TrainConfig, check_config
 from dtlab.data import check_context_length, check_episode_lengths, format_report, load_episodes, minari_env
 from dtlab.policy import check_timesteps
-from dtlab.rollout import check_env, check_seed_ranges, format_summary, resolve_targets
+from dtlab.rollout import check_env, check_exploration_seeds, check_seed_ranges, format_summary, resolve_targets
 
 log = logging.getLogger(__name__)
 # env=from_dataset reads the env config out of a Minari dataset
@@ -27,6 +27,8 @@ OmegaConf.register_new_resolver("minari_env", minari_env, replace=True)
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit a DTModule as `cfg` says; returns the final metrics (train/*, val/*, eval/*)."""
     check_config(cfg, TrainConfig)
+    if cfg.get("online") is not None:
+        online_stage(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Check the env and the data first: bad input fails in seconds, before any model exists
@@ -42,6 +44,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     final_targets = resolve_targets(cfg.target_return, episodes.returns, final=True)
     e = cfg.eval
     check_seed_ranges(len(targets), e.seed, e.episodes, len(final_targets), e.report_seed, e.final_episodes)
+    if cfg.get("online") is not None:
+        o = cfg.online
+        check_exploration_seeds(
+            range(o.seed, o.seed + o.rounds * o.trajectories_per_round),
+            range(e.seed, e.seed + len(targets) * e.episodes),
+            range(e.report_seed, e.report_seed + len(final_targets) * e.final_episodes),
+        )
     ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.output_dir)
 
     import lightning as L
@@ -71,6 +80,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module.episode_returns = datamodule.episode_returns.tolist()
     ckpt_path = resume_path(ckpt_path, module)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    if cfg.get("online") is not None:  # after the evaluation callback: a round follows its step's evaluation
+        env, target_return = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("env", "target_return"))
+        callbacks.append(
+            instantiate(cfg.online, env=env, target_return=target_return, vector_mode=cfg.eval.vector_mode)
+        )
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     # Lightning cannot see that our batch stream resumes exactly: it starts at the restored
@@ -113,6 +127,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print_final_evaluation(report)
     log.info("run dir: %s (checkpoints in %s, final evaluation in %s)", run_dir, run_dir / "checkpoints", final.name)
     return metrics
+
+
+def online_stage(cfg: DictConfig) -> None:
+    """algo=odt: the fit is `online.pretrain_steps` offline steps (by default the preset's
+    trainer.max_steps, its offline budget), then `online.rounds` rounds of
+    `online.updates_per_round` steps. Sets trainer.max_steps to that total, so that the LR
+    schedule, the evaluations' last step, the checkpoints and the run's record all count
+    every step; online.pretrain_steps is fixed first, as it may be that very key."""
+    o = cfg.online
+    pretrain = int(o.pretrain_steps)
+    with open_dict(cfg):
+        o.pretrain_steps = pretrain
+        cfg.trainer.max_steps = pretrain + int(o.rounds) * int(o.updates_per_round)
+    log.info(
+        "online finetuning: %d offline steps, then %d rounds of %d trajectories and %d steps: %d steps in all",
+        pretrain,
+        o.rounds,
+        o.trajectories_per_round,
+        o.updates_per_round,
+        cfg.trainer.max_steps,
+    )
 
 
 # D4RL's v2 data was collected in the v3 MuJoCo envs; gymnasium's v4 keeps their models and
