@@ -70,12 +70,25 @@ def test_backend_rollout_returns_equal_eager_over_100_steps(recorded, backend):
 def test_auto_is_the_measured_fastest_and_a_missing_onnxruntime_falls_back(monkeypatch, caplog):
     import importlib.util
 
-    assert resolve_backend("auto", torch.device("cpu")) == "eager"  # benchmarks/eval_throughput.py
+    import dtlab.inference
+
+    threads = {"n": 1}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads["n"])
+    assert resolve_backend("auto", torch.device("cpu")) == "onnxruntime"  # benchmarks/eval_throughput.py
+    assert resolve_backend("auto", torch.device("meta")) == "eager"  # nothing measured off CPU
+    threads["n"] = 2
+    assert resolve_backend("auto", torch.device("cpu")) == "eager"  # not measured faster at 2 threads
+    assert resolve_backend("onnxruntime", torch.device("cpu")) == "onnxruntime"  # named, it is used
+    threads["n"] = 1
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else find_spec(name))
-    with caplog.at_level(logging.WARNING):
-        assert resolve_backend("onnxruntime", torch.device("cpu")) == "jit"
-    assert "onnxruntime is not installed" in caplog.text
+    monkeypatch.setattr(dtlab.inference, "_said", set())
+    for backend in ("auto", "onnxruntime"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):  # as every evaluation of a run asks
+                assert resolve_backend(backend, torch.device("cpu")) == "eager"  # jit measured slower than eager
+        assert len(caplog.records) == 1 and "onnxruntime not installed" in caplog.text
     assert isinstance(for_rollout(Policy.from_module(module()), "eager", 2), Policy)
 
 

@@ -1,21 +1,28 @@
 """Inference backends for rollouts, and policies exported to run without dtlab.
 
-The model is most of a rollout's wall time, and on a CPU eager PyTorch is far from what the
-same arithmetic can do. A backend runs the same function on static shapes (the attention
-mask is always an input, so the padded first K-1 steps go through the same graph):
+The model is most of a rollout's wall time, and on a CPU eager PyTorch spends part of it
+outside the arithmetic. A backend runs the same function on static shapes (the attention mask
+is always an input, so the padded first K-1 steps go through the same graph):
 
 - `eager`: the model as it is;
 - `jit`: `torch.jit.trace` then `torch.jit.freeze`;
 - `onnxruntime`: the model exported to ONNX (opset 17) and run by ONNX Runtime
   (`pip install 'dtlab[onnx]'`).
 
-`auto` picks the fastest exact one measured here (benchmarks/eval_throughput.py): eager. On
-the README's checkpoint (K=5) onnxruntime ran the rollout at 1.04x eager's env steps/s for
-20 envs and 0.59x for 80, jit at 0.81x and 1.00x; on a paper-size K=20 model at 0.59x / 0.94x
-and 1.08x / 0.95x. Eager runs unpadded windows without an attention mask (PyTorch's causal
-kernel), which a static graph cannot; that is worth more than the graph saves. A backend is
-built once per evaluation, since the weights change between evaluations. A policy a backend
-cannot take runs eager, with one log line.
+`auto` picks the fastest exact one measured (benchmarks/eval_throughput.py, `FASTEST`):
+onnxruntime at one torch thread, how sweeps run their jobs side by side; eager at more threads
+until a quiet machine measures them. On the README's checkpoint (K=5), one thread, a model call
+took 3.1 ms in ONNX Runtime against eager's 3.9 at 20 envs (12.2 against 17.0 ms at 80), and
+the rollout ran at 1.06-1.13x eager's env steps/s (CPU time, 20 envs; 1.12x at 80); jit at
+1.01-1.04x. No exact backend can give much more: the model's matrix products, which every
+backend still computes, are ~80% of eager's model time, and the envs ~20% of the rollout
+(`bound` in the benchmark). Without onnxruntime, auto is eager, with one log line.
+
+A build costs an ONNX session (0.02-0.04 s) and, the first time for a model, its export
+(0.15-0.3 s): the graph is kept per model and each build puts the current weights into it, as
+they change between evaluations (and online rounds). Every build is checked against eager on
+a padded and a full window (1e-5) before a rollout uses it; a policy a backend cannot take, or
+fails that check, runs eager, with one log line.
 
 `export_policy` writes one file (ONNX or TorchScript) mapping a K-step window of raw
 observations, actions, raw returns-to-go and timesteps to the next action, state
@@ -41,6 +48,10 @@ from dtlab.policy import Policy
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "eager", "jit", "onnxruntime")
+# eval.backend=auto on CPU: the fastest exact backend measured by benchmarks/eval_throughput.py
+# for torch's thread count (threads=1 is how sweeps run jobs side by side); eager elsewhere
+FASTEST = {1: "onnxruntime"}
+_said: set[str] = set()  # warnings logged once a process
 INPUTS = ("observations", "actions", "returns_to_go", "timesteps", "mask")
 
 
@@ -87,19 +98,28 @@ def _example(policy: Policy, batch: int) -> tuple[torch.Tensor, ...]:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` -> the backend to use here (eager: the fastest measured); a named one whose
-    package is missing -> the next."""
+    """`auto` -> the fastest exact backend measured for this device and torch's thread count
+    (`FASTEST`); onnxruntime where it cannot run (not installed, or not a CPU) -> eager, the
+    next fastest (jit measured no faster than eager on rollouts), with one log line."""
     if backend not in BACKENDS:
         raise DTLabError(f"eval.backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    asked = backend
     if backend == "auto":
-        return "eager"
-    if device.type != "cpu" and backend == "onnxruntime":  # the session here is a CPU one
+        backend = FASTEST.get(torch.get_num_threads(), "eager") if device.type == "cpu" else "eager"
+    if backend in ("eager", "jit"):
+        return backend
+    if device.type != "cpu":  # the ONNX session here is a CPU one
         log.warning("eval.backend=onnxruntime runs on CPU only: using eager on %s", device)
         return "eager"
-    if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
-        log.warning("eval.backend=onnxruntime: onnxruntime is not installed (pip install 'dtlab[onnx]'): using jit")
-        return "jit"
-    return backend
+    missing = [name for name in ("onnxruntime", "onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        what = " and ".join(missing)
+        message = f"eval.backend={asked}: {what} not installed (pip install 'dtlab[onnx]'): using eager"
+        if message not in _said:  # once a process, not at every evaluation of a run
+            _said.add(message)
+            log.warning(message)
+        return "eager"
+    return "onnxruntime"
 
 
 class BackendPolicy:
