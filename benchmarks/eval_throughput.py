@@ -34,10 +34,11 @@ sizes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gymnasium as gym
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 import transformers
 
+from dtlab import inference
 from dtlab.hf import to_transformers, transformers_actions
 from dtlab.inference import for_rollout, resolve_backend
 from dtlab.module import DTModule
@@ -149,6 +151,21 @@ def ceiling(module: DTModule, n: int, max_steps: int, seed: int) -> tuple[float,
     return model_s, env_s
 
 
+# rows (d) beyond the backends themselves: name -> (backend, ONNX Runtime session config)
+VARIANTS = {"onnxruntime_nospin": ("onnxruntime", {"session.intra_op.allow_spinning": "0"})}
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[str]:
+    """The backend a row (d) runs, with its ONNX Runtime settings in force."""
+    backend, config = VARIANTS.get(name, (name, {}))
+    inference.ORT_CONFIG.update(config)
+    try:
+        yield backend
+    finally:
+        inference.ORT_CONFIG.clear()
+
+
 def backends(module: DTModule, env: dict, targets: list[float], episodes: int, seed: int) -> dict:
     """(d): each backend's rollout, median of 3 (the repetitions interleaved across backends, so
     that a drift in the machine's speed falls on each alike), its model calls alone, its largest
@@ -158,16 +175,18 @@ def backends(module: DTModule, env: dict, targets: list[float], episodes: int, s
     g = torch.Generator().manual_seed(seed)
     s, a = torch.randn(n, K, ENV["obs_dim"], generator=g), torch.rand(n, K, ENV["act_dim"], generator=g) * 2 - 1
     r, ts = torch.randn(n, K, generator=g), torch.arange(K).expand(n, K)
-    names = ("eager", "jit", "onnxruntime")
+    names = ("eager", "jit", "onnxruntime", *(VARIANTS if torch.get_num_threads() > 1 else ()))
     built, build_s, seconds, steps = {}, {}, {b: [] for b in names}, 0
     for backend in names:  # the first build: an ONNX export, which later rollouts of the same model reuse
         start = time.perf_counter()
-        built[backend] = for_rollout(policy, backend, n)
+        with variant(backend) as chosen:
+            built[backend] = for_rollout(policy, chosen, n)
         build_s[backend] = time.perf_counter() - start
     for _ in range(3):
         for backend in names:
             start = time.perf_counter()
-            result = rollout(policy, env, targets, episodes, seed=seed, progress=False, backend=backend)
+            with variant(backend) as chosen:
+                result = rollout(policy, env, targets, episodes, seed=seed, progress=False, backend=chosen)
             seconds[backend].append(time.perf_counter() - start)
             steps = sum(e["length"] for e in result["episodes"])
     out = {}

@@ -51,6 +51,9 @@ BACKENDS = ("auto", "eager", "jit", "onnxruntime")
 # eval.backend=auto on CPU: the fastest exact backend measured by benchmarks/eval_throughput.py
 # for torch's thread count (threads=1 is how sweeps run jobs side by side); eager elsewhere
 FASTEST = {1: "onnxruntime"}
+# ONNX Runtime session config entries, its defaults unless set (benchmarks/eval_throughput.py
+# tries no spinning of its thread pool between calls at more than one thread)
+ORT_CONFIG: dict[str, str] = {}
 _said: set[str] = set()  # warnings logged once a process
 INPUTS = ("observations", "actions", "returns_to_go", "timesteps", "mask")
 
@@ -207,6 +210,8 @@ def _onnx_session(core: _Core, example: tuple[torch.Tensor, ...]):  # noqa: ANN2
     # arena, sequential execution); only its thread count follows torch's (threads=1 for
     # side-by-side jobs).
     options.intra_op_num_threads = torch.get_num_threads()
+    for key, value in ORT_CONFIG.items():
+        options.add_session_config_entry(key, value)
     session = ort.InferenceSession(_onnx_graph(core, example), options, providers=["CPUExecutionProvider"])
 
     wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs a model never reads (BC's)
