@@ -151,17 +151,23 @@ def ceiling(module: DTModule, n: int, max_steps: int, seed: int) -> tuple[float,
     return model_s, env_s
 
 
-# rows (d) beyond the backends themselves: name -> (backend, ONNX Runtime session config)
-VARIANTS = {"onnxruntime_nospin": ("onnxruntime", {"session.intra_op.allow_spinning": "0"})}
+# rows (d) beyond the backends themselves, at more than one torch thread: name -> (backend,
+# ONNX Runtime session config, rollout workers). Two workers: two groups of envs, each with
+# its own one-thread model calls, so that one group's envs step while the other's model runs.
+VARIANTS = {
+    "onnxruntime_nospin": ("onnxruntime", {"session.intra_op.allow_spinning": "0"}, 1),
+    "onnxruntime_2workers": ("onnxruntime", {}, 2),
+    "eager_2workers": ("eager", {}, 2),
+}
 
 
 @contextlib.contextmanager
-def variant(name: str) -> Iterator[str]:
-    """The backend a row (d) runs, with its ONNX Runtime settings in force."""
-    backend, config = VARIANTS.get(name, (name, {}))
+def variant(name: str) -> Iterator[tuple[str, int]]:
+    """The backend and workers a row (d) runs, with its ONNX Runtime settings in force."""
+    backend, config, workers = VARIANTS.get(name, (name, {}, 1))
     inference.ORT_CONFIG.update(config)
     try:
-        yield backend
+        yield backend, workers
     finally:
         inference.ORT_CONFIG.clear()
 
@@ -179,14 +185,19 @@ def backends(module: DTModule, env: dict, targets: list[float], episodes: int, s
     built, build_s, seconds, steps = {}, {}, {b: [] for b in names}, 0
     for backend in names:  # the first build: an ONNX export, which later rollouts of the same model reuse
         start = time.perf_counter()
-        with variant(backend) as chosen:
+        with variant(backend) as (chosen, workers):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1 if workers > 1 else threads)  # as the rollout builds it
             built[backend] = for_rollout(policy, chosen, n)
+            torch.set_num_threads(threads)
         build_s[backend] = time.perf_counter() - start
     for _ in range(3):
         for backend in names:
             start = time.perf_counter()
-            with variant(backend) as chosen:
-                result = rollout(policy, env, targets, episodes, seed=seed, progress=False, backend=chosen)
+            with variant(backend) as (chosen, workers):
+                result = rollout(
+                    policy, env, targets, episodes, seed=seed, progress=False, backend=chosen, workers=workers
+                )
             seconds[backend].append(time.perf_counter() - start)
             steps = sum(e["length"] for e in result["episodes"])
     out = {}

@@ -16,6 +16,7 @@ import logging
 import math
 import platform
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import gymnasium as gym
 import mujoco
@@ -109,6 +110,7 @@ def rollout(
     record: bool = False,
     progress: bool = True,
     backend: str = "eager",
+    workers: int = 1,
 ) -> dict:
     """Run `episodes` episodes for each target return, all at once.
 
@@ -119,24 +121,97 @@ def rollout(
     (raw observations, actions, rewards and the steps each env was alive, as arrays
     [N, T, ...]) when `record`. `backend`: how the model runs (dtlab.inference: eager, jit,
     onnxruntime, or auto, the fastest exact one here), built once for this rollout.
+    `workers` > 1 splits the envs into that many groups, each stepped with its own model calls
+    in a thread of its own at one torch thread, so that one group's envs step while another's
+    model runs (a core idles while MuJoCo steps otherwise); every env's episode is its own
+    either way. Frames and trajectories are taken with one worker.
     """
-    model, K = policy.model, policy.context_length
+    model = policy.model
     max_steps = int(env["max_episode_steps"])
     fix = f"evaluate at most {policy.max_ep_len} steps"
     check_timesteps(max_steps - 1, policy.max_ep_len, f"env.max_episode_steps={max_steps}", fix)
     targets = [float(t) for t in targets]
     n = len(targets) * episodes
-    training = model.training  # restored at the end, whatever the backend did
-    policy = for_rollout(policy, backend, n)
     if vector_mode not in ("sync", "async"):
         raise DTLabError(f"eval.vector_mode={vector_mode!r} is unknown: use sync or async")
     if video_frames and vector_mode != "sync":
         raise DTLabError("eval.video=true needs eval.vector_mode=sync (frames are taken from the sync envs)")
+    if workers < 1:
+        raise DTLabError(f"eval.workers={workers} must be at least 1")
+    workers = 1 if video_frames or record else min(workers, n)
+    threads = torch.get_num_threads()  # restored at the end: workers run at one thread each
+    training = model.training  # restored at the end, whatever the backend did
+    if workers > 1:
+        torch.set_num_threads(1)
+    target = torch.tensor(targets, dtype=torch.float64).repeat_interleave(episodes)  # (N,) env i -> target
+    seeds = [seed + i for i in range(n)]
+    groups = np.array_split(np.arange(n), workers)  # contiguous groups of envs
+    model.eval()
+    try:
+        policy = for_rollout(policy, backend, max(len(g) for g in groups))  # one build, shared by the workers
+
+        def run(group: np.ndarray) -> dict:
+            if workers > 1:
+                torch.set_num_threads(1)  # OpenMP's thread count is per thread
+            lo, hi = int(group[0]), int(group[-1]) + 1
+            bar = progress and lo == 0  # the first group's progress stands for all
+            return _episodes(policy, env, target[lo:hi], seeds[lo:hi], vector_mode, video_frames, episodes, record, bar)
+
+        if workers == 1:
+            parts = [run(groups[0])]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(run, groups))
+    finally:
+        model.train(training)
+        torch.set_num_threads(threads)
+
+    received = np.concatenate([p["received"] for p in parts])
+    lengths = np.concatenate([p["lengths"] for p in parts])
+    episode_targets = target.numpy()
+    scores = normalized_score(received, env)
+    result = {
+        "episodes": [
+            {
+                "target": float(episode_targets[i]),
+                "seed": seeds[i],
+                "return": float(received[i]),
+                "length": int(lengths[i]),
+                "normalized_score": float(scores[i]),
+            }
+            for i in range(n)
+        ],
+        "summary": [
+            summarize(tr, received[episode_targets == tr], lengths[episode_targets == tr], env) for tr in targets
+        ],
+    }
+    if video_frames:
+        result["frames"] = parts[0]["frames"]
+    if record:
+        result["trajectories"] = parts[0]["trajectories"]
+    return result
+
+
+@torch.inference_mode()  # again: a worker thread does not inherit the caller's mode
+def _episodes(
+    policy: Policy,
+    env: Mapping,
+    target: torch.Tensor,
+    seeds: list[int],
+    vector_mode: str,
+    video_frames: int,
+    episodes: int,
+    record: bool,
+    progress: bool,
+) -> dict:
+    """One group's envs (env i: target[i], seeds[i]) stepped in lockstep to the end. Returns
+    its "received" rewards and "lengths" (N,), "frames" (every `episodes`-th env's first
+    `video_frames`) and "trajectories" when `record`."""
+    model, K, n = policy.model, policy.context_length, len(seeds)
+    max_steps = int(env["max_episode_steps"])
     render = {"render_mode": "rgb_array", "camera_name": "track", "width": 240, "height": 240} if video_frames else {}
     envs = gym.make_vec(env["id"], num_envs=n, vectorization_mode=vector_mode, max_episode_steps=max_steps, **render)
     device = policy.state_mean.device
-    seeds = [seed + i for i in range(n)]
-    target = torch.tensor(targets, dtype=torch.float64).repeat_interleave(episodes)  # (N,) env i -> target
 
     # Each env's history, normalized and scaled as training saw it: env i's step t is flat
     # row i * max_steps + t, the layout of the training data's episodes (dtlab.policy.windows).
@@ -153,7 +228,6 @@ def rollout(
     trajectories = {"observations": [], "actions": [], "rewards": [], "alive": []}
     low, high = envs.single_action_space.low, envs.single_action_space.high
 
-    model.eval()
     try:
         obs, _ = envs.reset(seed=seeds)
         for t in tqdm(range(max_steps), desc="rollout", unit="step", leave=False, disable=not progress):
@@ -181,30 +255,10 @@ def rollout(
                 break
     finally:
         envs.close()
-        model.train(training)
-
-    episode_targets = target.numpy()
-    scores = normalized_score(received, env)
-    result = {
-        "episodes": [
-            {
-                "target": float(episode_targets[i]),
-                "seed": seeds[i],
-                "return": float(received[i]),
-                "length": int(lengths[i]),
-                "normalized_score": float(scores[i]),
-            }
-            for i in range(n)
-        ],
-        "summary": [
-            summarize(tr, received[episode_targets == tr], lengths[episode_targets == tr], env) for tr in targets
-        ],
-    }
-    if video_frames:
-        result["frames"] = frames
+    out = {"received": received, "lengths": lengths, "frames": frames}
     if record:
-        result["trajectories"] = {k: np.stack(v, axis=1) for k, v in trajectories.items()}
-    return result
+        out["trajectories"] = {k: np.stack(v, axis=1) for k, v in trajectories.items()}
+    return out
 
 
 def summarize(target: float, returns: np.ndarray, lengths: np.ndarray, env: Mapping) -> dict:
