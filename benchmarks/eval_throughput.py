@@ -23,8 +23,9 @@ In one process, the same policy (one set of weights) and the same (targets x epi
 Prints env-steps/s of each, the speed-ups of (b) over (a), (a') and (a''), and (b)'s overhead
 share (wall time that is neither model calls nor env steps); writes
 benchmarks/results/eval_throughput.json, with `default_backend` and `backend_speedup` (the
-default backend's env steps/s over eager's, medians of 3, same run) and `fastest_backend`
-(per batch, what `dtlab.inference.FASTEST` should say for this thread count). With
+default backend's env steps/s over eager's, medians of 3, same run), `fastest_backend` and
+`fastest_speedup` (per batch: the fastest row, what `dtlab.inference.FASTEST` and
+`eval.workers` should say for this thread count, and its speed-up over eager). With
 --preset-run (a training run's final_evaluation.json, e.g. of experiment=halfcheetah-medium),
 also the share of that run's wall time its evaluations take, eager against the default backend
 and onnxruntime: the in-training and final rollouts it ran, timed again here at their own batch
@@ -368,6 +369,10 @@ def main() -> None:
         / list(per_backend.values())[1]["eager"]["steps_per_s"],
         # the fastest backend of this run, for FASTEST in dtlab.inference at this thread count
         "fastest_backend": {config: max(r, key=lambda b: r[b]["steps_per_s"]) for config, r in per_backend.items()},
+        "fastest_speedup": {
+            config: max(b["steps_per_s"] for b in r.values()) / r["eager"]["steps_per_s"]
+            for config, r in per_backend.items()
+        },
         "backend_speedup_bound": bounds,
         "matmul_floor_seconds": floors,
         "backend_overhead_share": 1.0
@@ -405,7 +410,10 @@ def main() -> None:
                 f"{backend + mark:18} {config:>18} {b['steps_per_s']:>9.0f} {speedup:>8.2f}x "
                 f"{b['model_share']:>12.0%} {b['same_policy_max_abs_diff']:>9.1e}"
             )
-    print(f"fastest here: {report['fastest_backend']} at {torch.get_num_threads()} torch threads")
+    print(
+        f"fastest here ({torch.get_num_threads()} torch threads): "
+        + ", ".join(f"{c} {b} {report['fastest_speedup'][c]:.2f}x" for c, b in report["fastest_backend"].items())
+    )
     print(
         "bound on any exact backend's speed-up (eager's GEMMs kept, the rest of the model free): "
         + ", ".join(f"{config} {bound:.2f}x" for config, bound in bounds.items())
