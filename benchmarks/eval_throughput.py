@@ -14,25 +14,32 @@ In one process, the same policy (one set of weights) and the same (targets x epi
   (b) batched: `dtlab.rollout.rollout`, all episodes in one vector env, one model call a step;
   (c) ceiling: (b)'s sequence of batched model calls alone plus its envs stepped alone;
   (d) (b) through each inference backend (eval.backend: eager, jit, onnxruntime; auto, the
-      default, is the fastest exact one), for the targets given and for 8 targets (a target
-      sweep), each the median of 3 repetitions, with the model's share of the rollout's wall
-      time and the backend's largest action difference from eager on padded and full windows.
+      default, is the fastest exact one measured at this thread count), for the targets given
+      and for 8 targets (a target sweep), each the median of 3 repetitions interleaved across
+      backends, with the model's share of the rollout's wall time and the backend's largest
+      action difference from eager on padded and full windows; and the most any exact backend
+      could give (`backend_speedup_bound`: eager's rollout with all of its model but the GEMMs
+      free, the GEMMs timed by torch.profiler).
 Prints env-steps/s of each, the speed-ups of (b) over (a), (a') and (a''), and (b)'s overhead
 share (wall time that is neither model calls nor env steps); writes
 benchmarks/results/eval_throughput.json, with `default_backend` and `backend_speedup` (the
-default backend's env steps/s over eager's, medians of 3, same run). With --preset-run (a
-training run's final_evaluation.json, e.g. of experiment=halfcheetah-medium), also the share of
-that run's wall time its evaluations take, eager against the default backend: the in-training
-and final rollouts it ran, timed again here at their own batch sizes.
+default backend's env steps/s over eager's, medians of 3, same run), `fastest_backend` and
+`fastest_speedup` (per batch: the fastest row, what `dtlab.inference.FASTEST` and
+`eval.workers` should say for this thread count, and its speed-up over eager). With
+--preset-run (a training run's final_evaluation.json, e.g. of experiment=halfcheetah-medium),
+also the share of that run's wall time its evaluations take, eager against the default backend
+and onnxruntime: the in-training and final rollouts it ran, timed again here at their own batch
+sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gymnasium as gym
@@ -40,6 +47,7 @@ import numpy as np
 import torch
 import transformers
 
+from dtlab import inference
 from dtlab.hf import to_transformers, transformers_actions
 from dtlab.inference import for_rollout, resolve_backend
 from dtlab.module import DTModule
@@ -144,44 +152,97 @@ def ceiling(module: DTModule, n: int, max_steps: int, seed: int) -> tuple[float,
     return model_s, env_s
 
 
+# rows (d) beyond the backends themselves, at more than one torch thread: name -> (backend,
+# ONNX Runtime session config, rollout workers). Two workers: two groups of envs, each with
+# its own one-thread model calls, so that one group's envs step while the other's model runs.
+VARIANTS = {
+    "onnxruntime_nospin": ("onnxruntime", {"session.intra_op.allow_spinning": "0"}, 1),
+    "onnxruntime_2workers": ("onnxruntime", {}, 2),
+    "eager_2workers": ("eager", {}, 2),
+}
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[tuple[str, int]]:
+    """The backend and workers a row (d) runs, with its ONNX Runtime settings in force."""
+    backend, config, workers = VARIANTS.get(name, (name, {}, 1))
+    inference.ORT_CONFIG.update(config)
+    try:
+        yield backend, workers
+    finally:
+        inference.ORT_CONFIG.clear()
+
+
 def backends(module: DTModule, env: dict, targets: list[float], episodes: int, seed: int) -> dict:
-    """(d): each backend's rollout, median of 3, its model calls alone, its largest action
-    difference from eager over one rollout's worth of windows (padded ones included)."""
+    """(d): each backend's rollout, median of 3 (the repetitions interleaved across backends, so
+    that a drift in the machine's speed falls on each alike), its model calls alone, its largest
+    action difference from eager over one rollout's worth of windows (padded ones included), and
+    `bound`: eager's rollout speed-up if all of its model but the GEMMs were free."""
     policy, n, K = Policy.from_module(module), len(targets) * episodes, module.hparams.context_length
     g = torch.Generator().manual_seed(seed)
     s, a = torch.randn(n, K, ENV["obs_dim"], generator=g), torch.rand(n, K, ENV["act_dim"], generator=g) * 2 - 1
     r, ts = torch.randn(n, K, generator=g), torch.arange(K).expand(n, K)
-    out = {}
-    for backend in ("eager", "jit", "onnxruntime"):
+    names = ("eager", "jit", "onnxruntime", *(VARIANTS if torch.get_num_threads() > 1 else ()))
+    built, build_s, seconds, steps = {}, {}, {b: [] for b in names}, 0
+    for backend in names:  # the first build: an ONNX export, which later rollouts of the same model reuse
         start = time.perf_counter()
-        fast = for_rollout(policy, backend, n)
-        build_s = time.perf_counter() - start
-        seconds, steps = [], 0
-        for _ in range(3):
+        with variant(backend) as (chosen, workers):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1 if workers > 1 else threads)  # as the rollout builds it
+            built[backend] = for_rollout(policy, chosen, n)
+            torch.set_num_threads(threads)
+        build_s[backend] = time.perf_counter() - start
+    for _ in range(3):
+        for backend in names:
             start = time.perf_counter()
-            result = rollout(policy, env, targets, episodes, seed=seed, progress=False, backend=backend)
-            seconds.append(time.perf_counter() - start)
+            with variant(backend) as (chosen, workers):
+                result = rollout(
+                    policy, env, targets, episodes, seed=seed, progress=False, backend=chosen, workers=workers
+                )
+            seconds[backend].append(time.perf_counter() - start)
             steps = sum(e["length"] for e in result["episodes"])
+    out = {}
+    for backend in names:
         diff, model_s = 0.0, 0.0
         with torch.inference_mode():
             for t in range(env["max_episode_steps"]):
                 mask = (torch.arange(K) >= K - 1 - t).expand(n, K)
                 window = {"states": s, "actions": a, "returns_to_go": r, "timesteps": ts, "mask": mask}
                 start = time.perf_counter()
-                action = fast.act(window)
+                action = built[backend].act(window)
                 model_s += time.perf_counter() - start
                 if t < K or t % 100 == 0:
                     eager = module.model(s, a, r, ts, mask if t < K - 1 else None, last_only=True)
                     diff = max(diff, (action - eager).abs().max().item())
-        median = float(np.median(seconds))
+        median = float(np.median(seconds[backend]))
+        if backend == "eager":
+            out["matmul_floor"] = matmul_floor(module.model, s, a, r, ts, env["max_episode_steps"])
+            out["bound"] = median / (median - model_s + out["matmul_floor"])
         out[backend] = {
             "steps_per_s": steps / median,
-            "seconds": seconds,
-            "build_seconds": build_s,
+            "seconds": seconds[backend],
+            "build_seconds": build_s[backend],
             "model_share": min(model_s / median, 1.0),
             "same_policy_max_abs_diff": diff,
         }
     return out
+
+
+@torch.inference_mode()
+def matmul_floor(model: torch.nn.Module, s, a, r, ts, steps: int) -> float:  # noqa: ANN001 - the windows
+    """Seconds the eager model's matrix products alone take over `steps` last-token calls on
+    full windows (torch.profiler's self time of its GEMMs): what any exact backend still
+    computes, so `bound`, the rollout's speed-up if everything else in the model were free
+    (the same GEMMs at eager's speed), caps what a backend can give."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(10):  # warm-up
+        model(s, a, r, ts, None, last_only=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            model(s, a, r, ts, None, last_only=True)
+    gemms = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in gemms) / 1e6
 
 
 def evaluation_share(path: Path, module: DTModule, seed: int) -> dict:
@@ -197,7 +258,7 @@ def evaluation_share(path: Path, module: DTModule, seed: int) -> dict:
     }
     env, wall = {**ENV, "max_episode_steps": 1000}, record["wall_time_s"]
     seconds = {}
-    for backend in ("eager", resolve_backend("auto", torch.device("cpu"))):
+    for backend in dict.fromkeys(("eager", resolve_backend("auto", torch.device("cpu")), "onnxruntime")):
         seconds[backend] = 0.0
         for targets, episodes, count in kinds.values():
             start = time.perf_counter()
@@ -296,6 +357,8 @@ def main() -> None:
         f"{len(t)}x{args.episodes}": backends(module, env, t, args.episodes, args.seed)
         for t in (args.targets, args.sweep_targets)
     }
+    bounds = {config: results.pop("bound") for config, results in per_backend.items()}
+    floors = {config: results.pop("matmul_floor") for config, results in per_backend.items()}
     default = resolve_backend("auto", torch.device("cpu"))
     first = next(iter(per_backend.values()))
     report |= {
@@ -304,6 +367,14 @@ def main() -> None:
         "backend_speedup": first[default]["steps_per_s"] / first["eager"]["steps_per_s"],
         "backend_speedup_sweep": list(per_backend.values())[1][default]["steps_per_s"]
         / list(per_backend.values())[1]["eager"]["steps_per_s"],
+        # the fastest backend of this run, for FASTEST in dtlab.inference at this thread count
+        "fastest_backend": {config: max(r, key=lambda b: r[b]["steps_per_s"]) for config, r in per_backend.items()},
+        "fastest_speedup": {
+            config: max(b["steps_per_s"] for b in r.values()) / r["eager"]["steps_per_s"]
+            for config, r in per_backend.items()
+        },
+        "backend_speedup_bound": bounds,
+        "matmul_floor_seconds": floors,
         "backend_overhead_share": 1.0
         - first[default]["model_share"]
         - env_s / (batched_steps / first[default]["steps_per_s"]),
@@ -339,6 +410,14 @@ def main() -> None:
                 f"{backend + mark:18} {config:>18} {b['steps_per_s']:>9.0f} {speedup:>8.2f}x "
                 f"{b['model_share']:>12.0%} {b['same_policy_max_abs_diff']:>9.1e}"
             )
+    print(
+        f"fastest here ({torch.get_num_threads()} torch threads): "
+        + ", ".join(f"{c} {b} {report['fastest_speedup'][c]:.2f}x" for c, b in report["fastest_backend"].items())
+    )
+    print(
+        "bound on any exact backend's speed-up (eager's GEMMs kept, the rest of the model free): "
+        + ", ".join(f"{config} {bound:.2f}x" for config, bound in bounds.items())
+    )
     if args.preset_run:
         share = report["preset_evaluation_share"]["share"]
         print("evaluation share of the preset run's wall time: " + ", ".join(f"{b} {v:.1%}" for b, v in share.items()))

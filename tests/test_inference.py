@@ -70,13 +70,59 @@ def test_backend_rollout_returns_equal_eager_over_100_steps(recorded, backend):
 def test_auto_is_the_measured_fastest_and_a_missing_onnxruntime_falls_back(monkeypatch, caplog):
     import importlib.util
 
-    assert resolve_backend("auto", torch.device("cpu")) == "eager"  # benchmarks/eval_throughput.py
+    import dtlab.inference
+
+    threads = {"n": 1}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads["n"])
+    assert resolve_backend("auto", torch.device("cpu")) == "onnxruntime"  # benchmarks/eval_throughput.py
+    assert resolve_backend("auto", torch.device("meta")) == "eager"  # nothing measured off CPU
+    threads["n"] = 2
+    assert resolve_backend("auto", torch.device("cpu")) == "eager"  # not measured faster at 2 threads
+    assert resolve_backend("onnxruntime", torch.device("cpu")) == "onnxruntime"  # named, it is used
+    threads["n"] = 1
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else find_spec(name))
-    with caplog.at_level(logging.WARNING):
-        assert resolve_backend("onnxruntime", torch.device("cpu")) == "jit"
-    assert "onnxruntime is not installed" in caplog.text
+    monkeypatch.setattr(dtlab.inference, "_said", set())
+    for backend in ("auto", "onnxruntime"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):  # as every evaluation of a run asks
+                assert resolve_backend(backend, torch.device("cpu")) == "eager"  # jit measured slower than eager
+        assert len(caplog.records) == 1 and "onnxruntime not installed" in caplog.text
     assert isinstance(for_rollout(Policy.from_module(module()), "eager", 2), Policy)
+
+
+@pytest.mark.parametrize("policy", ["dt", "mlp_bc"])
+def test_onnxruntime_rebuilt_after_a_weight_update_runs_the_new_weights(policy):
+    """The ONNX graph is exported once per model and gets each evaluation's weights."""
+    dt = module(policy)
+    first = BackendPolicy(Policy.from_module(dt), "onnxruntime", batch=3)
+    with torch.no_grad():
+        for p in dt.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a training step's worth of change, and more
+    second = BackendPolicy(Policy.from_module(dt), "onnxruntime", batch=3)
+    g = torch.Generator().manual_seed(0)
+    window = {
+        "states": torch.randn(3, 8, 17, generator=g),
+        "actions": torch.rand(3, 8, 6, generator=g) * 2 - 1,
+        "returns_to_go": torch.randn(3, 8, generator=g),
+        "timesteps": torch.arange(8).expand(3, 8),
+        "mask": torch.arange(8)[None] >= torch.tensor([[7], [3], [0]]),  # padded and full windows
+    }
+    with torch.no_grad():
+        eager = dt.model(*window.values(), last_only=True)
+    assert (second.act(window) - eager).abs().max().item() <= 1e-5
+    assert (first.act(window) - eager).abs().max().item() > 1e-3  # the first session kept its own weights
+
+
+def test_a_backend_that_is_not_eagers_function_runs_eager(monkeypatch, caplog):
+    import dtlab.inference
+
+    dt = module()
+    monkeypatch.setattr(dtlab.inference, "_onnx_session", lambda core, example: lambda *x: core(*x) + 1e-4)
+    with caplog.at_level(logging.WARNING):
+        assert isinstance(for_rollout(Policy.from_module(dt), "onnxruntime", 2), Policy)
+    assert "(its actions differ from eager's by 1.0e-04 > 1e-5): using eager" in caplog.text
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

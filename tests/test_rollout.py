@@ -70,6 +70,35 @@ def test_batched_rollout_equals_the_model_called_one_env_at_a_time():
         assert result["episodes"][i]["return"] == pytest.approx(traj["rewards"][i].sum(), rel=1e-9)
 
 
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_workers_step_the_same_episodes(backend):
+    """Groups of envs in threads: every env's episode as in one lockstep batch (Hopper falls, so
+    groups end at other steps), the model's mode and torch's threads as they were."""
+    pytest.importorskip("onnxruntime")
+    module = tiny_module(HOPPER)
+    threads = torch.get_num_threads()
+    one, split = (
+        rollout(
+            Policy.from_module(module),
+            HOPPER | {"max_episode_steps": 80},
+            [1800.0, 3600.0],
+            3,
+            seed=5,
+            progress=False,
+            backend=backend,
+            workers=w,
+        )
+        for w in (1, 4)  # groups of 2, 2, 1 and 1 envs
+    )
+    assert module.training and torch.get_num_threads() == threads
+    assert len({e["length"] for e in one["episodes"]}) > 1  # some fell before the end
+    key = [(e["target"], e["seed"], e["length"]) for e in one["episodes"]]
+    assert [(e["target"], e["seed"], e["length"]) for e in split["episodes"]] == key
+    np.testing.assert_allclose(
+        [e["return"] for e in split["episodes"]], [e["return"] for e in one["episodes"]], rtol=1e-6
+    )
+
+
 def test_same_seed_same_returns_other_seed_other_returns():
     policy = Policy.from_module(tiny_module(HALFCHEETAH))
     a, b, c = (rollout(policy, HALFCHEETAH, [3000.0], 2, seed=s, progress=False) for s in (7, 7, 8))

@@ -99,11 +99,13 @@ class EvaluationCallback(L.Callback):
         report_seed: int = 10_000,
         checkpoints_dir: str | None = None,
         backend: str = "eager",
+        workers: int = 1,
     ) -> None:
         self.env, self.target_return = env, target_return
         self.run_dir = Path(output_dir)
         self.output_dir = self.run_dir / "eval"
         self.final_episodes, self.report_seed, self.backend = final_episodes, report_seed, backend
+        self.workers = workers
         self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir else self.run_dir / "checkpoints"
         self.final: dict | None = None  # the final evaluation's report (on rank 0)
         self.selection_seeds: list[int] | None = None
@@ -199,6 +201,7 @@ class EvaluationCallback(L.Callback):
                 vector_mode=self.vector_mode,
                 progress=trainer.progress_bar_callback is not None,
                 backend=self.backend,
+                workers=self.workers,
             )
             record = protocol(
                 self.env,
@@ -257,6 +260,7 @@ class EvaluationCallback(L.Callback):
             video_frames=self.video_frames if self.video else 0,
             progress=trainer.progress_bar_callback is not None,
             backend=self.backend,
+            workers=self.workers,
         )
 
     @staticmethod

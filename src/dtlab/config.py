@@ -95,6 +95,7 @@ class Eval(_Group):  # dtlab.callbacks.EvaluationCallback, dtlab.evaluate
     report_seed: NonNegative
     vector_mode: Literal["sync", "async"]
     backend: Literal["auto", "eager", "jit", "onnxruntime"] = "auto"  # dtlab.inference
+    workers: Positive = 1  # dtlab.rollout: groups of envs stepped in threads
     video: bool
     video_frames: Positive
 

@@ -107,6 +107,7 @@ def evaluate(cfg: DictConfig) -> dict:
         vector_mode=cfg.eval.vector_mode,
         video_frames=cfg.eval.video_frames if cfg.eval.video else 0,
         backend=cfg.eval.backend,
+        workers=cfg.eval.workers,
     )
     record = protocol(
         cfg.env, targets, cfg.target_return, cfg.eval.episodes, cfg.eval.seed, str(Path(source).resolve()), step, role

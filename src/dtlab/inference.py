@@ -1,21 +1,28 @@
 """Inference backends for rollouts, and policies exported to run without dtlab.
 
-The model is most of a rollout's wall time, and on a CPU eager PyTorch is far from what the
-same arithmetic can do. A backend runs the same function on static shapes (the attention
-mask is always an input, so the padded first K-1 steps go through the same graph):
+The model is most of a rollout's wall time, and on a CPU eager PyTorch spends part of it
+outside the arithmetic. A backend runs the same function on static shapes (the attention mask
+is always an input, so the padded first K-1 steps go through the same graph):
 
 - `eager`: the model as it is;
 - `jit`: `torch.jit.trace` then `torch.jit.freeze`;
 - `onnxruntime`: the model exported to ONNX (opset 17) and run by ONNX Runtime
   (`pip install 'dtlab[onnx]'`).
 
-`auto` picks the fastest exact one measured here (benchmarks/eval_throughput.py): eager. On
-the README's checkpoint (K=5) onnxruntime ran the rollout at 1.04x eager's env steps/s for
-20 envs and 0.59x for 80, jit at 0.81x and 1.00x; on a paper-size K=20 model at 0.59x / 0.94x
-and 1.08x / 0.95x. Eager runs unpadded windows without an attention mask (PyTorch's causal
-kernel), which a static graph cannot; that is worth more than the graph saves. A backend is
-built once per evaluation, since the weights change between evaluations. A policy a backend
-cannot take runs eager, with one log line.
+`auto` picks the fastest exact one measured (benchmarks/eval_throughput.py, `FASTEST`):
+onnxruntime at one torch thread, how sweeps run their jobs side by side; eager at more threads
+until a quiet machine measures them. On the README's checkpoint (K=5), one thread, a model call
+took 3.1 ms in ONNX Runtime against eager's 3.9 at 20 envs (12.2 against 17.0 ms at 80), and
+the rollout ran at 1.06-1.13x eager's env steps/s (CPU time, 20 envs; 1.12x at 80); jit at
+1.01-1.04x. No exact backend can give much more: the model's matrix products, which every
+backend still computes, are ~80% of eager's model time, and the envs ~20% of the rollout
+(`bound` in the benchmark). Without onnxruntime, auto is eager, with one log line.
+
+A build costs an ONNX session (0.02-0.04 s) and, the first time for a model, its export
+(0.15-0.3 s): the graph is kept per model and each build puts the current weights into it, as
+they change between evaluations (and online rounds). Every build is checked against eager on
+a padded and a full window (1e-5) before a rollout uses it; a policy a backend cannot take, or
+fails that check, runs eager, with one log line.
 
 `export_policy` writes one file (ONNX or TorchScript) mapping a K-step window of raw
 observations, actions, raw returns-to-go and timesteps to the next action, state
@@ -24,11 +31,13 @@ normalization and reward scale baked in, with its metadata beside it (`<file>.js
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import io
 import json
 import logging
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -39,6 +48,13 @@ from dtlab.policy import Policy
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "eager", "jit", "onnxruntime")
+# eval.backend=auto on CPU: the fastest exact backend measured by benchmarks/eval_throughput.py
+# for torch's thread count (threads=1 is how sweeps run jobs side by side); eager elsewhere
+FASTEST = {1: "onnxruntime"}
+# ONNX Runtime session config entries, its defaults unless set (benchmarks/eval_throughput.py
+# tries no spinning of its thread pool between calls at more than one thread)
+ORT_CONFIG: dict[str, str] = {}
+_said: set[str] = set()  # warnings logged once a process
 INPUTS = ("observations", "actions", "returns_to_go", "timesteps", "mask")
 
 
@@ -85,19 +101,28 @@ def _example(policy: Policy, batch: int) -> tuple[torch.Tensor, ...]:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` -> the backend to use here (eager: the fastest measured); a named one whose
-    package is missing -> the next."""
+    """`auto` -> the fastest exact backend measured for this device and torch's thread count
+    (`FASTEST`); onnxruntime where it cannot run (not installed, or not a CPU) -> eager, the
+    next fastest (jit measured no faster than eager on rollouts), with one log line."""
     if backend not in BACKENDS:
         raise DTLabError(f"eval.backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    asked = backend
     if backend == "auto":
-        return "eager"
-    if device.type != "cpu" and backend == "onnxruntime":  # the session here is a CPU one
+        backend = FASTEST.get(torch.get_num_threads(), "eager") if device.type == "cpu" else "eager"
+    if backend in ("eager", "jit"):
+        return backend
+    if device.type != "cpu":  # the ONNX session here is a CPU one
         log.warning("eval.backend=onnxruntime runs on CPU only: using eager on %s", device)
         return "eager"
-    if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
-        log.warning("eval.backend=onnxruntime: onnxruntime is not installed (pip install 'dtlab[onnx]'): using jit")
-        return "jit"
-    return backend
+    missing = [name for name in ("onnxruntime", "onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        what = " and ".join(missing)
+        message = f"eval.backend={asked}: {what} not installed (pip install 'dtlab[onnx]'): using eager"
+        if message not in _said:  # once a process, not at every evaluation of a run
+            _said.add(message)
+            log.warning(message)
+        return "eager"
+    return "onnxruntime"
 
 
 class BackendPolicy:
@@ -105,6 +130,8 @@ class BackendPolicy:
     `scale`, `model`, ...), the model call replaced."""
 
     def __init__(self, policy: Policy, backend: str, batch: int) -> None:
+        if backend not in ("jit", "onnxruntime"):
+            raise DTLabError(f"BackendPolicy runs jit or onnxruntime, not {backend!r}: eager is the Policy itself")
         self.policy, self.backend = policy, backend
         core, example = _Core(policy.model), _example(policy, batch)
         training = policy.model.training  # traced in eval mode; the caller's mode is left as it was
@@ -113,10 +140,9 @@ class BackendPolicy:
             if backend == "jit":
                 with torch.no_grad():
                     self._run = torch.jit.freeze(torch.jit.trace(core, example))
-            elif backend == "onnxruntime":
-                self._run = _onnx_session(core, example)
             else:
-                self._run = core
+                self._run = _onnx_session(core, example)
+            _check(self._run, core, policy)
         finally:
             policy.model.train(training)
 
@@ -127,14 +153,66 @@ class BackendPolicy:
         return self._run(*(window[k] for k in ("states", "actions", "returns_to_go", "timesteps", "mask")))
 
 
-def _onnx_session(core: nn.Module, example: tuple[torch.Tensor, ...]):  # noqa: ANN202 - a callable
+@torch.no_grad()
+def _check(run, core: nn.Module, policy: Policy) -> None:  # noqa: ANN001 - a callable
+    """Refuse a built backend whose actions are not eager's to 1e-5 on two random windows, one
+    padded and one full: the last guard of the evaluation's numbers (~10 ms a build)."""
+    c, device = policy.model.config, policy.state_mean.device
+    K, g = c.context_length, torch.Generator().manual_seed(0)
+    window = (
+        torch.randn(2, K, c.state_dim, generator=g).to(device),
+        (torch.rand(2, K, c.act_dim, generator=g) * 2 - 1).to(device),
+        torch.randn(2, K, generator=g).to(device),
+        torch.arange(K, device=device).expand(2, K),
+        torch.arange(K, device=device)[None] >= torch.tensor([[K - 1], [0]], device=device),
+    )
+    diff = (run(*window) - core(*window)).abs().max().item()
+    if not diff <= 1e-5:  # NaN fails too
+        raise DTLabError(f"its actions differ from eager's by {diff:.1e} > 1e-5")
+
+
+# model -> its ONNX graph, exported once: an export takes 0.15-0.3 s, a session 0.02-0.04 s, and
+# every evaluation of a training run (and every online round) has new weights for the same graph
+_graphs: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()
+
+
+def _onnx_graph(core: _Core, example: tuple[torch.Tensor, ...]) -> bytes:
+    """The serialized ONNX graph of `core` with its current weights."""
+    from onnx import numpy_helper
+
+    graph = _graphs.get(core.model)
+    if graph is None:
+        import onnx
+
+        # Exported unfolded, every initializer is a parameter or buffer under its own name, so
+        # new weights replace them one for one (ONNX Runtime folds the graph itself, measured as
+        # fast). The exporter merges initializers of equal value (a fresh model's zero biases):
+        # it exports a copy with distinct random parameters.
+        probe, g = copy.deepcopy(core), torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in probe.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        buffer = io.BytesIO()
+        _export_onnx(probe, example, buffer, fold_constants=False)
+        graph = _graphs[core.model] = onnx.load_from_string(buffer.getvalue())
+    tensors = dict(core.named_parameters()) | dict(core.named_buffers())
+    for init in graph.graph.initializer:
+        if init.name in tensors:  # anything else is a constant of the graph, not a weight
+            init.CopyFrom(numpy_helper.from_array(tensors[init.name].detach().cpu().numpy(), init.name))
+    return graph.SerializeToString()
+
+
+def _onnx_session(core: _Core, example: tuple[torch.Tensor, ...]):  # noqa: ANN202 - a callable
     import onnxruntime as ort
 
-    buffer = io.BytesIO()
-    _export_onnx(core, example, buffer)
     options = ort.SessionOptions()
+    # ONNX Runtime's defaults are the fastest measured (all graph optimizations, the memory
+    # arena, sequential execution); only its thread count follows torch's (threads=1 for
+    # side-by-side jobs).
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    for key, value in ORT_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(_onnx_graph(core, example), options, providers=["CPUExecutionProvider"])
 
     wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs a model never reads (BC's)
 
@@ -145,7 +223,9 @@ def _onnx_session(core: nn.Module, example: tuple[torch.Tensor, ...]):  # noqa: 
     return run
 
 
-def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], f: io.BytesIO | str | Path) -> None:
+def _export_onnx(
+    module: nn.Module, example: tuple[torch.Tensor, ...], f: io.BytesIO | str | Path, fold_constants: bool = True
+) -> None:
     axes = {name: {0: "batch"} for name in (*INPUTS, "action")}
     # The TorchScript-based exporter (dynamo=False: the torch.export one needs onnxscript and
     # gave no faster graph) warns that it is legacy and about constant folding it skips.
@@ -159,6 +239,7 @@ def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], f: io.Byt
             output_names=["action"],
             dynamic_axes=axes,
             opset_version=17,
+            do_constant_folding=fold_constants,
             dynamo=False,
         )
 

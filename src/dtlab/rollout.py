@@ -16,6 +16,7 @@ import logging
 import math
 import platform
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import gymnasium as gym
 import mujoco
@@ -109,6 +110,7 @@ def rollout(
     record: bool = False,
     progress: bool = True,
     backend: str = "eager",
+    workers: int = 1,
     sample_seed: int | None = None,
 ) -> dict:
     """Run `episodes` episodes for each target return, all at once.
@@ -120,29 +122,107 @@ def rollout(
     (raw observations, actions, rewards and the steps each env was alive, as arrays
     [N, T, ...]) when `record`. `backend`: how the model runs (dtlab.inference: eager, jit,
     onnxruntime, or auto, the fastest exact one here), built once for this rollout.
+    `workers` > 1 splits the envs into that many groups, each stepped with its own model calls
+    in a thread of its own at one torch thread, so that one group's envs step while another's
+    model runs (a core idles while MuJoCo steps otherwise); every env's episode is its own
+    either way. Frames and trajectories are taken with one worker.
     `sample_seed`: None acts with the policy's action (for the gaussian head its mean: every
     evaluation); a seed samples each action from the gaussian head's distribution instead, the
-    noise from one generator seeded with it (exploration for online finetuning; eager).
+    noise from one generator seeded with it (exploration for online finetuning; eager, one
+    worker: the draws follow one order).
     """
-    model, K = policy.model, policy.context_length
+    model = policy.model
     max_steps = int(env["max_episode_steps"])
     fix = f"evaluate at most {policy.max_ep_len} steps"
     check_timesteps(max_steps - 1, policy.max_ep_len, f"env.max_episode_steps={max_steps}", fix)
     targets = [float(t) for t in targets]
     n = len(targets) * episodes
-    training = model.training  # restored at the end, whatever the backend did
-    # exploration calls the head's distribution, which the backends' graphs do not export
-    policy = for_rollout(policy, backend if sample_seed is None else "eager", n)
-    generator = None if sample_seed is None else torch.Generator().manual_seed(sample_seed)
     if vector_mode not in ("sync", "async"):
         raise DTLabError(f"eval.vector_mode={vector_mode!r} is unknown: use sync or async")
     if video_frames and vector_mode != "sync":
         raise DTLabError("eval.video=true needs eval.vector_mode=sync (frames are taken from the sync envs)")
+    if workers < 1:
+        raise DTLabError(f"eval.workers={workers} must be at least 1")
+    workers = 1 if video_frames or record or sample_seed is not None else min(workers, n)
+    generator = None if sample_seed is None else torch.Generator().manual_seed(sample_seed)
+    threads = torch.get_num_threads()  # restored at the end: workers run at one thread each
+    training = model.training  # restored at the end, whatever the backend did
+    if workers > 1:
+        torch.set_num_threads(1)
+    target = torch.tensor(targets, dtype=torch.float64).repeat_interleave(episodes)  # (N,) env i -> target
+    seeds = [seed + i for i in range(n)]
+    groups = np.array_split(np.arange(n), workers)  # contiguous groups of envs
+    model.eval()
+    try:
+        # one build, shared by the workers; exploration calls the head's distribution, which
+        # the backends' graphs do not export
+        policy = for_rollout(policy, backend if generator is None else "eager", max(len(g) for g in groups))
+
+        def run(group: np.ndarray) -> dict:
+            if workers > 1:
+                torch.set_num_threads(1)  # OpenMP's thread count is per thread
+            lo, hi = int(group[0]), int(group[-1]) + 1
+            bar = progress and lo == 0  # the first group's progress stands for all
+            return _episodes(
+                policy, env, target[lo:hi], seeds[lo:hi], vector_mode, video_frames, episodes, record, bar, generator
+            )
+
+        if workers == 1:
+            parts = [run(groups[0])]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(run, groups))
+    finally:
+        model.train(training)
+        torch.set_num_threads(threads)
+
+    received = np.concatenate([p["received"] for p in parts])
+    lengths = np.concatenate([p["lengths"] for p in parts])
+    episode_targets = target.numpy()
+    scores = normalized_score(received, env)
+    result = {
+        "episodes": [
+            {
+                "target": float(episode_targets[i]),
+                "seed": seeds[i],
+                "return": float(received[i]),
+                "length": int(lengths[i]),
+                "normalized_score": float(scores[i]),
+            }
+            for i in range(n)
+        ],
+        "summary": [
+            summarize(tr, received[episode_targets == tr], lengths[episode_targets == tr], env) for tr in targets
+        ],
+    }
+    if video_frames:
+        result["frames"] = parts[0]["frames"]
+    if record:
+        result["trajectories"] = parts[0]["trajectories"]
+    return result
+
+
+@torch.inference_mode()  # again: a worker thread does not inherit the caller's mode
+def _episodes(
+    policy: Policy,
+    env: Mapping,
+    target: torch.Tensor,
+    seeds: list[int],
+    vector_mode: str,
+    video_frames: int,
+    episodes: int,
+    record: bool,
+    progress: bool,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """One group's envs (env i: target[i], seeds[i]) stepped in lockstep to the end. Returns
+    its "received" rewards and "lengths" (N,), "frames" (every `episodes`-th env's first
+    `video_frames`) and "trajectories" when `record`."""
+    model, K, n = policy.model, policy.context_length, len(seeds)
+    max_steps = int(env["max_episode_steps"])
     render = {"render_mode": "rgb_array", "camera_name": "track", "width": 240, "height": 240} if video_frames else {}
     envs = gym.make_vec(env["id"], num_envs=n, vectorization_mode=vector_mode, max_episode_steps=max_steps, **render)
     device = policy.state_mean.device
-    seeds = [seed + i for i in range(n)]
-    target = torch.tensor(targets, dtype=torch.float64).repeat_interleave(episodes)  # (N,) env i -> target
 
     # Each env's history, normalized and scaled as training saw it: env i's step t is flat
     # row i * max_steps + t, the layout of the training data's episodes (dtlab.policy.windows).
@@ -159,7 +239,6 @@ def rollout(
     trajectories = {"observations": [], "actions": [], "rewards": [], "alive": []}
     low, high = envs.single_action_space.low, envs.single_action_space.high
 
-    model.eval()
     try:
         obs, _ = envs.reset(seed=seeds)
         for t in tqdm(range(max_steps), desc="rollout", unit="step", leave=False, disable=not progress):
@@ -187,30 +266,10 @@ def rollout(
                 break
     finally:
         envs.close()
-        model.train(training)
-
-    episode_targets = target.numpy()
-    scores = normalized_score(received, env)
-    result = {
-        "episodes": [
-            {
-                "target": float(episode_targets[i]),
-                "seed": seeds[i],
-                "return": float(received[i]),
-                "length": int(lengths[i]),
-                "normalized_score": float(scores[i]),
-            }
-            for i in range(n)
-        ],
-        "summary": [
-            summarize(tr, received[episode_targets == tr], lengths[episode_targets == tr], env) for tr in targets
-        ],
-    }
-    if video_frames:
-        result["frames"] = frames
+    out = {"received": received, "lengths": lengths, "frames": frames}
     if record:
-        result["trajectories"] = {k: np.stack(v, axis=1) for k, v in trajectories.items()}
-    return result
+        out["trajectories"] = {k: np.stack(v, axis=1) for k, v in trajectories.items()}
+    return out
 
 
 def summarize(target: float, returns: np.ndarray, lengths: np.ndarray, env: Mapping) -> dict:
@@ -240,17 +299,6 @@ def check_seed_ranges(
             f"final evaluation's {reporting.start}-{reporting.stop - 1} (eval.report_seed={report_seed}): keep the "
             "ranges apart"
         )
-
-
-def check_exploration_seeds(explore: range, selection: range, reporting: range) -> None:
-    """Online finetuning's env seeds (its training data) must be neither the selection seeds nor
-    the reporting ones: a score must not be measured on episodes the policy was trained on."""
-    for name, key, other in (("in-training", "eval.seed", selection), ("final", "eval.report_seed", reporting)):
-        if explore and other and explore.start < other.stop and other.start < explore.stop:
-            raise DTLabError(
-                f"online.seed={explore.start} gives exploration env seeds {explore.start}-{explore.stop - 1}, which "
-                f"overlap the {name} evaluation's seeds {other.start}-{other.stop - 1} ({key}): keep the ranges apart"
-            )
 
 
 def protocol(
@@ -306,11 +354,10 @@ def evaluation_record(protocol: dict, result: dict) -> dict:
 
 def format_summary(summary: Sequence[Mapping], checkpoint: str = "") -> str:
     """The table every evaluation prints: one row per target (never a max over them)."""
-    # 15 wide: "pretrained@5000", an online run's end of pretraining
-    lines = [f"{'checkpoint':>15}  {'target':>10}  {'return (mean +- std)':>22}  {'normalized':>10}  {'episodes':>8}"]
+    lines = [f"{'checkpoint':>10}  {'target':>10}  {'return (mean +- std)':>22}  {'normalized':>10}  {'episodes':>8}"]
     for s in summary:
         ret = f"{s['return_mean']:.1f} +- {s['return_std']:.1f}"
         lines.append(
-            f"{checkpoint:>15}  {s['target']:>10g}  {ret:>22}  {s['normalized_score']:>10.1f}  {s['episodes']:>8}"
+            f"{checkpoint:>10}  {s['target']:>10g}  {ret:>22}  {s['normalized_score']:>10.1f}  {s['episodes']:>8}"
         )
     return "\n".join(lines)
