@@ -301,6 +301,17 @@ def check_seed_ranges(
         )
 
 
+def check_exploration_seeds(explore: range, selection: range, reporting: range) -> None:
+    """Online finetuning's env seeds (its training data) must be neither the selection seeds nor
+    the reporting ones: a score must not be measured on episodes the policy was trained on."""
+    for name, key, other in (("in-training", "eval.seed", selection), ("final", "eval.report_seed", reporting)):
+        if explore and other and explore.start < other.stop and other.start < explore.stop:
+            raise DTLabError(
+                f"online.seed={explore.start} gives exploration env seeds {explore.start}-{explore.stop - 1}, which "
+                f"overlap the {name} evaluation's seeds {other.start}-{other.stop - 1} ({key}): keep the ranges apart"
+            )
+
+
 def protocol(
     env: Mapping,
     targets: Sequence[float],
@@ -354,10 +365,11 @@ def evaluation_record(protocol: dict, result: dict) -> dict:
 
 def format_summary(summary: Sequence[Mapping], checkpoint: str = "") -> str:
     """The table every evaluation prints: one row per target (never a max over them)."""
-    lines = [f"{'checkpoint':>10}  {'target':>10}  {'return (mean +- std)':>22}  {'normalized':>10}  {'episodes':>8}"]
+    # 15 wide: "pretrained@5000", an online run's end of pretraining
+    lines = [f"{'checkpoint':>15}  {'target':>10}  {'return (mean +- std)':>22}  {'normalized':>10}  {'episodes':>8}"]
     for s in summary:
         ret = f"{s['return_mean']:.1f} +- {s['return_std']:.1f}"
         lines.append(
-            f"{checkpoint:>10}  {s['target']:>10g}  {ret:>22}  {s['normalized_score']:>10.1f}  {s['episodes']:>8}"
+            f"{checkpoint:>15}  {s['target']:>10g}  {ret:>22}  {s['normalized_score']:>10.1f}  {s['episodes']:>8}"
         )
     return "\n".join(lines)
