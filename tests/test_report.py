@@ -182,17 +182,19 @@ def test_statistics_agree_with_rliable():
 
 
 def test_the_readme_results_are_the_committed_records_report():
-    """The README's HalfCheetah table is report.md of the committed run records, as its command
-    says: regenerating it from benchmarks/results/runs/halfcheetah gives the same text."""
+    """The README's tables are report.md of the committed run records, as their commands say:
+    regenerating them from benchmarks/results/runs/ gives the same text."""
     from dtlab.report import to_markdown
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    start, end = "<!-- report:halfcheetah -->\n", "<!-- /report:halfcheetah -->"
-    committed = readme[readme.index(start) + len(start) : readme.index(end)]
-    records, incomplete = find_runs([root / "benchmarks" / "results" / "runs" / "halfcheetah"])
-    assert len(records) == 36 and not incomplete
-    assert to_markdown(build_report(records, incomplete)) == committed
+    runs = root / "benchmarks" / "results" / "runs"
+    for name, dirs, count in [("paper-table", ["halfcheetah", "hopper-walker2d"], 85), ("odt", ["odt"], 6)]:
+        start, end = f"<!-- report:{name} -->\n", f"<!-- /report:{name} -->"
+        committed = readme[readme.index(start) + len(start) : readme.index(end)]
+        records, incomplete = find_runs([runs / d for d in dirs])
+        assert len(records) == count and not incomplete, name
+        assert to_markdown(build_report(records, incomplete)) == committed, name
 
 
 def test_the_report_goes_to_one_offline_wandb_run(sweep, tmp_path):

@@ -423,7 +423,7 @@ def protocol_line(report: dict) -> str:
     )
 
 
-ALGO_NAMES = {"dt": "DT", "bc": "BC", "pct_bc": "10%BC"}
+ALGO_NAMES = {"dt": "DT", "bc": "BC", "pct_bc": "10%BC", "odt": "ODT", "odt_offline": "ODT offline-only"}
 
 
 def paper_table(report: dict) -> list[str]:
