@@ -116,22 +116,20 @@ class Policy:
     def act(self, window: dict[str, torch.Tensor]) -> torch.Tensor:
         """The next action (B, act_dim) for windows built by `windows` (the last step of each is
         the one to act at). The model's mode (train/eval) is the caller's."""
-        mask = window["mask"]
-        if bool(mask.all()):  # nothing padded: plain causal attention is cheaper than a mask
-            mask = None
-        return self.model(
-            window["states"], window["actions"], window["returns_to_go"], window["timesteps"], mask, last_only=True
-        )
+        return self.model(*self._inputs(window), last_only=True)
 
     def sample(self, window: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """A next action (B, act_dim) drawn from the gaussian head's squashed Gaussian, its
         standard normal noise from `generator` (a CPU one, so that a seed draws the same
         actions on any device): exploration. Windows and mode as in `act`."""
-        mask = window["mask"]
-        if bool(mask.all()):
-            mask = None
-        mu, log_std = self.model.action_distribution(
-            window["states"], window["actions"], window["returns_to_go"], window["timesteps"], mask, last_only=True
-        )
+        mu, log_std = self.model.action_distribution(*self._inputs(window), last_only=True)
         noise = torch.randn(mu.shape, generator=generator).to(mu.device)
         return squashed_sample(mu, log_std, noise)[0]
+
+    @staticmethod
+    def _inputs(window: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+        """The model's inputs from a window: states, actions, returns-to-go, timesteps, mask."""
+        mask = window["mask"]
+        if bool(mask.all()):  # nothing padded: plain causal attention is cheaper than a mask
+            mask = None
+        return window["states"], window["actions"], window["returns_to_go"], window["timesteps"], mask

@@ -124,12 +124,11 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict:
         """The whole buffer, as tensors (a checkpoint loads them without unpickling code)."""
-        lengths = [len(t) for t in self.trajectories]
         episodes = self.episodes()
         return {
             "capacity": self.capacity,
-            "lengths": torch.tensor(lengths, dtype=torch.int64),
-            "online": torch.tensor([t.source == ONLINE for t in self.trajectories]),
+            "lengths": torch.from_numpy(episodes.lengths),
+            "online": torch.from_numpy(episodes.sources == ONLINE),
             "observations": torch.from_numpy(episodes.observations),
             "actions": torch.from_numpy(episodes.actions),
             "rewards": torch.from_numpy(episodes.rewards),
