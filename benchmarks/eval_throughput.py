@@ -13,8 +13,9 @@ In one process, the same policy (one set of weights) and the same (targets x epi
   (a'') (a') calling dtlab's model, to separate the loop's cost from the model's;
   (b) batched: `dtlab.rollout.rollout`, all episodes in one vector env, one model call a step;
   (c) ceiling: (b)'s sequence of batched model calls alone plus its envs stepped alone;
-  (d) (b) through each inference backend (eval.backend: eager, jit, onnxruntime; auto, the
-      default, is the fastest exact one measured at this thread count), for the targets given
+  (d) (b) through each inference backend (eval.backend: eager, jit, onnxruntime) and, at more
+      than one thread, with the envs in two worker groups (eval.workers); dtlab's defaults
+      (eval.backend=auto, eval.workers=auto) are one of these rows, marked, for the targets given
       and for 8 targets (a target sweep), each the median of 3 repetitions interleaved across
       backends, with the model's share of the rollout's wall time and the backend's largest
       action difference from eager on padded and full windows; and the most any exact backend
@@ -23,13 +24,12 @@ In one process, the same policy (one set of weights) and the same (targets x epi
 Prints env-steps/s of each, the speed-ups of (b) over (a), (a') and (a''), and (b)'s overhead
 share (wall time that is neither model calls nor env steps); writes
 benchmarks/results/eval_throughput.json, with `default_backend` and `backend_speedup` (the
-default backend's env steps/s over eager's, medians of 3, same run), `fastest_backend` and
+default row's env steps/s over eager's, medians of 3, same run), `fastest_backend` and
 `fastest_speedup` (per batch: the fastest row, what `dtlab.inference.FASTEST` and
 `eval.workers` should say for this thread count, and its speed-up over eager). With
 --preset-run (a training run's final_evaluation.json, e.g. of experiment=halfcheetah-medium),
-also the share of that run's wall time its evaluations take, eager against the default backend
-and onnxruntime: the in-training and final rollouts it ran, timed again here at their own batch
-sizes.
+also the share of that run's wall time its evaluations take, eager against the defaults: the
+in-training and final rollouts it ran, timed again here at their own batch sizes.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import transformers
 
 from dtlab import inference
 from dtlab.hf import to_transformers, transformers_actions
-from dtlab.inference import for_rollout, resolve_backend
+from dtlab.inference import for_rollout, resolve_backend, resolve_workers
 from dtlab.module import DTModule
 from dtlab.policy import Policy
 from dtlab.rollout import rollout
@@ -162,6 +162,17 @@ VARIANTS = {
 }
 
 
+def default_row() -> str:
+    """The row (d) that dtlab's defaults run at this thread count (eval.backend=auto and
+    eval.workers=auto; with workers, auto is resolved at their one thread, as the rollout does)."""
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    workers = resolve_workers("auto", cpu)
+    torch.set_num_threads(1 if workers > 1 else threads)
+    backend = resolve_backend("auto", cpu)
+    torch.set_num_threads(threads)
+    return backend if workers == 1 else f"{backend}_{workers}workers"
+
+
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[tuple[str, int]]:
     """The backend and workers a row (d) runs, with its ONNX Runtime settings in force."""
@@ -247,7 +258,7 @@ def matmul_floor(model: torch.nn.Module, s, a, r, ts, steps: int) -> float:  # n
 
 def evaluation_share(path: Path, module: DTModule, seed: int) -> dict:
     """The share of a preset run's wall time spent in its rollouts, eager (as the run was
-    measured) against the default backend: each kind of rollout it ran (in-training: targets x
+    measured) against dtlab's defaults: each kind of rollout it ran (in-training: targets x
     eval.episodes envs; final: targets x final episodes, for last and best) timed once here,
     with 1000-step episodes; the rest of its wall time is taken as it was."""
     record = json.loads(path.read_text())
@@ -258,12 +269,14 @@ def evaluation_share(path: Path, module: DTModule, seed: int) -> dict:
     }
     env, wall = {**ENV, "max_episode_steps": 1000}, record["wall_time_s"]
     seconds = {}
-    for backend in dict.fromkeys(("eager", resolve_backend("auto", torch.device("cpu")), "onnxruntime")):
-        seconds[backend] = 0.0
+    for row in dict.fromkeys(("eager", default_row())):
+        seconds[row] = 0.0
         for targets, episodes, count in kinds.values():
             start = time.perf_counter()
-            rollout(Policy.from_module(module), env, targets, episodes, seed=seed, progress=False, backend=backend)
-            seconds[backend] += (time.perf_counter() - start) * count
+            with variant(row) as (backend, workers):
+                policy = Policy.from_module(module)
+                rollout(policy, env, targets, episodes, seed=seed, progress=False, backend=backend, workers=workers)
+            seconds[row] += (time.perf_counter() - start) * count
     rest = wall - seconds["eager"]  # training, validation, checkpoints, start-up
     return {
         "run": str(path),
@@ -359,7 +372,7 @@ def main() -> None:
     }
     bounds = {config: results.pop("bound") for config, results in per_backend.items()}
     floors = {config: results.pop("matmul_floor") for config, results in per_backend.items()}
-    default = resolve_backend("auto", torch.device("cpu"))
+    default = default_row()
     first = next(iter(per_backend.values()))
     report |= {
         "backends": per_backend,

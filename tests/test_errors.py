@@ -169,6 +169,13 @@ CASES = {
     "val_fraction_above_one": ("train", ["data.val_fraction=1.5"], 2, "data.val_fraction=1.5 is not allowed: it must"),
     "zero_steps": ("train", ["trainer.max_steps=0"], 2, "config: trainer.max_steps=0 is not allowed: it must be"),
     "zero_threads": ("train", ["threads=0"], 2, "config: threads=0 is not allowed"),
+    "workers_not_a_number": (
+        "train",
+        ["eval.workers=many"],
+        2,
+        "config: eval.workers='many' is not allowed: it must be a valid integer, unable to parse string as an integer"
+        " or 'auto'",
+    ),
     "unknown_activation": ("train", ["model.activation=tanh"], 2, "'tanh' is not allowed: it must be 'relu', 'gelu'"),
     "misspelled_model_key": ("train", ["+model.n_embed=64"], 2, "model.n_embed is not a key of model (it has ..."),
     "misspelled_dataset_key": (

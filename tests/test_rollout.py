@@ -9,6 +9,7 @@ import torch
 
 from dtlab import DTLabError
 from dtlab.evaluate import evaluate
+from dtlab.inference import resolve_workers
 from dtlab.module import DTModule
 from dtlab.policy import Policy
 from dtlab.rollout import normalized_score, resolve_targets, rollout
@@ -68,6 +69,22 @@ def test_batched_rollout_equals_the_model_called_one_env_at_a_time():
             expected = module.act(traj["observations"][i, : t + 1], actions, rtg, np.arange(t + 1))
             np.testing.assert_allclose(traj["actions"][i, t], np.clip(expected, -1, 1), atol=1e-5)
         assert result["episodes"][i]["return"] == pytest.approx(traj["rewards"][i].sum(), rel=1e-9)
+
+
+def test_auto_workers_are_two_at_two_threads_on_cpu_only():
+    """eval.workers=auto: two env groups where two torch threads can run them, else one."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert resolve_workers("auto", torch.device("cpu")) == 2
+        assert resolve_workers("auto", torch.device("meta")) == 1  # not a CPU: unmeasured
+        assert resolve_workers(3, torch.device("cpu")) == 3
+        torch.set_num_threads(1)
+        assert resolve_workers("auto", torch.device("cpu")) == 1
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(DTLabError, match="eval.workers=0 must be auto or an integer of at least 1"):
+        resolve_workers(0, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])

@@ -99,7 +99,7 @@ class EvaluationCallback(L.Callback):
         report_seed: int = 10_000,
         checkpoints_dir: str | None = None,
         backend: str = "eager",
-        workers: int = 1,
+        workers: int | str = 1,
     ) -> None:
         self.env, self.target_return = env, target_return
         self.run_dir = Path(output_dir)

@@ -95,7 +95,7 @@ class Eval(_Group):  # dtlab.callbacks.EvaluationCallback, dtlab.evaluate
     report_seed: NonNegative
     vector_mode: Literal["sync", "async"]
     backend: Literal["auto", "eager", "jit", "onnxruntime"] = "auto"  # dtlab.inference
-    workers: Positive = 1  # dtlab.rollout: groups of envs stepped in threads
+    workers: Positive | Literal["auto"] = "auto"  # dtlab.rollout: groups of envs stepped in threads
     video: bool
     video_frames: Positive
 
@@ -154,6 +154,7 @@ class _Command(BaseModel):
 
 class Algo(_Group):  # conf/algo/*.yaml
     name: str
+    cpu_budget_steps: Positive | None = None  # trainer.max_steps under experiment=cpu-budget
 
 
 class TrainConfig(_Command):  # conf/train.yaml
@@ -216,14 +217,17 @@ def check_config(cfg: DictConfig, schema: type[BaseModel] = TrainConfig) -> None
     try:
         schema.model_validate(groups)
     except ValidationError as e:
-        raise DTLabError(_one_line(e.errors()[0], groups)) from None
+        errors = e.errors()
+        # a union's branches fail each with an error of their own at the same key: say them all
+        first = [err for err in errors if _key(err, groups) == _key(errors[0], groups)]
+        raise DTLabError(_one_line(first, groups)) from None
     if isinstance(cfg.get("dataset"), DictConfig):
         check_loader_keys(OmegaConf.to_container(cfg.dataset, resolve=False))
 
 
-def _one_line(error: dict, given: dict) -> str:
-    # The key path: the error's location as far as it indexes the config (a union adds the
-    # name of the type it tried, e.g. `int`, which is no key).
+def _key(error: dict, given: dict) -> tuple[str, list[str], object]:
+    """The error's key, its path and the value there: its location as far as it indexes the
+    config (a union adds the name of the type it tried, e.g. `int`, which is no key)."""
     path, value = [], given
     for part in error["loc"]:
         try:
@@ -231,7 +235,12 @@ def _one_line(error: dict, given: dict) -> str:
         except (KeyError, IndexError, TypeError):
             break
         path.append(str(part))
-    key = ".".join(path)
+    return ".".join(path), path, value
+
+
+def _one_line(errors: list[dict], given: dict) -> str:
+    error = errors[0]
+    key, path, value = _key(error, given)
     if error["type"] == "value_error":  # a check across keys: its message names them
         return f"config: {error['msg'].removeprefix('Value error, ')}"
     if error["type"] == "extra_forbidden":
@@ -242,5 +251,5 @@ def _one_line(error: dict, given: dict) -> str:
     if error["type"] == "missing":
         key = ".".join(str(p) for p in error["loc"])
         return f"config: {key} is missing: set it with {key}=VALUE"
-    allowed = error["msg"].replace("Input should be", "it must be", 1)
-    return f"config: {key}={value!r} is not allowed: {allowed}"
+    allowed = " or ".join(err["msg"].replace("Input should be ", "", 1) for err in errors)
+    return f"config: {key}={value!r} is not allowed: it must be {allowed}"

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dtlab import DTLabError
-from dtlab.inference import for_rollout
+from dtlab.inference import for_rollout, resolve_workers
 from dtlab.policy import Policy, check_timesteps, windows
 
 _mujoco_warnings: set[str] = set()
@@ -110,7 +110,7 @@ def rollout(
     record: bool = False,
     progress: bool = True,
     backend: str = "eager",
-    workers: int = 1,
+    workers: int | str = 1,
     sample_seed: int | None = None,
 ) -> dict:
     """Run `episodes` episodes for each target return, all at once.
@@ -125,7 +125,8 @@ def rollout(
     `workers` > 1 splits the envs into that many groups, each stepped with its own model calls
     in a thread of its own at one torch thread, so that one group's envs step while another's
     model runs (a core idles while MuJoCo steps otherwise); every env's episode is its own
-    either way. Frames and trajectories are taken with one worker.
+    either way. `auto`: dtlab.inference.resolve_workers (2 on a CPU at 2+ torch threads).
+    Frames and trajectories are taken with one worker.
     `sample_seed`: None acts with the policy's action (for the gaussian head its mean: every
     evaluation); a seed samples each action from the gaussian head's distribution instead, the
     noise from one generator seeded with it (exploration for online finetuning; eager, one
@@ -141,8 +142,7 @@ def rollout(
         raise DTLabError(f"eval.vector_mode={vector_mode!r} is unknown: use sync or async")
     if video_frames and vector_mode != "sync":
         raise DTLabError("eval.video=true needs eval.vector_mode=sync (frames are taken from the sync envs)")
-    if workers < 1:
-        raise DTLabError(f"eval.workers={workers} must be at least 1")
+    workers = resolve_workers(workers, policy.state_mean.device)
     workers = 1 if video_frames or record or sample_seed is not None else min(workers, n)
     generator = None if sample_seed is None else torch.Generator().manual_seed(sample_seed)
     threads = torch.get_num_threads()  # restored at the end: workers run at one thread each
