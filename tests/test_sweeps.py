@@ -124,6 +124,16 @@ def test_presets_and_slurm_launcher_compose(make_cfg):
     assert slurm._target_.endswith("SlurmLauncher") and slurm.timeout_min == 720
 
 
+def test_cpu_budget_gives_bc_its_own_steps_and_the_command_line_the_last_word(make_cfg):
+    steps = {
+        algo: make_cfg("experiment=halfcheetah-expert", f"algo={algo}").trainer.max_steps
+        for algo in ("dt", "bc", "pct_bc", "odt")
+    }
+    assert steps == {"dt": 4000, "bc": 8000, "pct_bc": 8000, "odt": 4000}
+    assert make_cfg("experiment=halfcheetah-expert", "algo=bc", "trainer.max_steps=4000").trainer.max_steps == 4000
+    assert make_cfg("algo=bc").trainer.max_steps == 3000  # no preset: trainer/cpu's, as for any algorithm
+
+
 def test_joblib_multirun_gives_one_run_dir_and_one_wandb_run_per_job(tmp_path):
     sweep = tmp_path / "my-sweep"
     run_train(
