@@ -13,9 +13,9 @@ is always an input, so the padded first K-1 steps go through the same graph):
 onnxruntime at one torch thread, how sweeps run their jobs side by side. At more threads
 `eval.workers=auto` (`resolve_workers`) splits the envs into two groups, each stepped in a
 thread of its own at one torch thread, so auto is onnxruntime there too: on a quiet 2-core
-machine that rollout ran at 1.18-1.40x eager's two-thread env steps/s at 2 x 10 envs and
-1.27-1.32x at 8 x 10 (two runs of the benchmark), where ONNX Runtime alone at two threads
-ran at 0.72-1.15x. On the README's checkpoint (K=5), one thread, a model call
+machine that rollout ran at 0.96-1.40x eager's two-thread env steps/s at 2 x 10 envs (median
+1.18x) and 1.27-1.46x at 8 x 10 (three runs), where ONNX Runtime alone at two threads ran at
+0.72-1.15x. On the README's checkpoint (K=5), one thread, a model call
 took 3.1 ms in ONNX Runtime against eager's 3.9 at 20 envs (12.2 against 17.0 ms at 80), and
 the rollout ran at 1.06-1.13x eager's env steps/s (CPU time, 20 envs; 1.12x at 80); jit at
 1.01-1.04x. No exact backend can give much more: the model's matrix products, which every
