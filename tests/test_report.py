@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dtlab.report import build_report, find_runs, iqm, main, probability_of_improvement, slope, spearman
+from dtlab.report import build_report, find_runs, iqm, main, probability_of_improvement, slope, spearman, to_record
 
 HALFCHEETAH = {
     "id": "HalfCheetah-v5",
@@ -179,6 +179,15 @@ def test_statistics_agree_with_rliable():
     # standard error of a 2.5% / 97.5% bootstrap quantile at 10k replicates is ~2% of the
     # bootstrap distribution's spread (here ~4 points wide), so 0.5 points is ~4 standard errors.
     np.testing.assert_allclose(ours, theirs["dt"][:, 0], atol=0.5)
+
+
+def test_the_headline_target_is_one_the_run_was_evaluated_at():
+    """The highest of the run's fixed targets (a default run on the sample asks for 4125 and
+    11582, not the env's 6000 and 12000), else the env's highest paper target."""
+    final = {"checkpoints": {}, "config": {"env": HALFCHEETAH, "target_return": {"values": [4125, 11582]}}}
+    assert to_record(final, "sample")["headline_target"] == 11582
+    final["config"]["target_return"] = {"values": [], "quantiles": [0.5, 1.0]}
+    assert to_record(final, "quantiles")["headline_target"] == 12000
 
 
 def test_the_readme_results_are_the_committed_records_report():
