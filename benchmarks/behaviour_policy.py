@@ -17,7 +17,6 @@ Prints a table and writes results/behaviour_policy.json.
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from dtlab.data import episodes_from_dataset, load_local
 from dtlab.policy import Policy
-from dtlab.rollout import rollout
+from dtlab.rollout import normalized_score, rollout
 
 ENVS = {  # dataset: the env the rollout runs, with D4RL's reference returns
     "halfcheetah-medium-v5": {"id": "HalfCheetah-v5", "ref_min_score": -280.178953, "ref_max_score": 12135.0},
@@ -65,8 +64,8 @@ def expected_clipped(mean: torch.Tensor, std: float) -> torch.Tensor:
     normal = torch.distributions.Normal(0.0, 1.0)
     lo, hi = (-1 - mean) / std, (1 - mean) / std
     cdf_lo, cdf_hi = normal.cdf(lo), normal.cdf(hi)
-    pdf = lambda z: torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)  # noqa: E731
-    return -cdf_lo + (1 - cdf_hi) + mean * (cdf_hi - cdf_lo) + std * (pdf(lo) - pdf(hi))
+    pdf_lo, pdf_hi = normal.log_prob(lo).exp(), normal.log_prob(hi).exp()
+    return -cdf_lo + (1 - cdf_hi) + mean * (cdf_hi - cdf_lo) + std * (pdf_lo - pdf_hi)
 
 
 def fit(states: torch.Tensor, actions: torch.Tensor, steps: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,9 +116,7 @@ def main() -> None:
             out = rollout(policy, env, [0.0], args.episodes, seed=args.seed, progress=False)
             summary = out["summary"][0]
             row[label] = {k: summary[k] for k in ("return_mean", "return_std", "normalized_score", "episodes")}
-        row["dataset_normalized"] = (
-            100 * (row["dataset_return_mean"] - env["ref_min_score"]) / (env["ref_max_score"] - env["ref_min_score"])
-        )
+        row["dataset_normalized"] = normalized_score(row["dataset_return_mean"], env)
         results[name] = row
     header = ["dataset", "data return", "residual std (noise 0.1)", "fitted + noise", "fitted, no noise"]
     print("| " + " | ".join([*header, "normalized: data / no noise"]) + " |")
