@@ -100,8 +100,9 @@ def main() -> None:
         obs = torch.from_numpy(episodes.observations).float()
         acts = torch.from_numpy(episodes.actions).float()
         mean, std = obs.mean(0), obs.std(0) + 1e-6
-        weight, bias = fit((obs - mean) / std, acts)
-        mean_action = ((obs - mean) / std @ weight.T + bias).clamp(-1, 1)
+        states = (obs - mean) / std
+        weight, bias = fit(states, acts)
+        mean_action = (states @ weight.T + bias).clamp(-1, 1)
         inside = (mean_action.abs() < 0.7) & (acts.abs() < 0.999)  # where neither clip acts
         residual_std = float((acts - mean_action)[inside].std())
         env = {**env, "max_episode_steps": 1000}

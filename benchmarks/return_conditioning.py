@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dtlab.checkpoint import load_checkpoint
-from dtlab.data import WindowSampler, episodes_from_dataset, load_local
+from dtlab.data import Episodes, WindowSampler, episodes_from_dataset, load_local
 
 
 def parse_ranges(text: str) -> list[tuple[int, int]]:
@@ -37,10 +37,10 @@ def probe(model: torch.nn.Module, sampler: WindowSampler, episodes: np.ndarray, 
     K = sampler.K
     own, moved, change = [], [], []
     for t in steps:
+        first = max(t - K + 1, 0)  # the window holds steps first .. first + K - 1, step t at `pos`
+        pos = t - first
         ep = torch.from_numpy(episodes[sampler.lengths.numpy()[episodes] > t])
-        start = torch.full_like(ep, max(t - K + 1, 0))
-        w = sampler.windows(ep, start)  # (B, K, ...): steps start .. start + K - 1, step t at `pos`
-        pos = t - int(start[0])
+        w = sampler.windows(ep, torch.full_like(ep, first))  # (B, K, ...)
         inputs = (w["states"], w["actions"], w["returns_to_go"], w["timesteps"], w["mask"])
         a = model(*inputs)[:, pos]  # (B, act_dim)
         a_moved = model(*inputs[:2], w["returns_to_go"] + shift * w["mask"], *inputs[3:])[:, pos]
@@ -55,11 +55,10 @@ def probe(model: torch.nn.Module, sampler: WindowSampler, episodes: np.ndarray, 
     }
 
 
-def measure(ckpt: str, data: list[str] | None, split: float | None, steps: list[tuple[int, int]]) -> dict:
+def measure(ckpt: str, episodes: Episodes, split: float | None, steps: list[tuple[int, int]]) -> dict:
     """The probe's rows for one checkpoint (see the module docstring), with what they were taken on."""
     module = load_checkpoint(ckpt)
     model = module.model.eval()
-    episodes = episodes_from_dataset(load_local(data))
     returns = episodes.returns
     split = split if split is not None else (returns.min() + returns.max()) / 2
     groups = {"low": np.flatnonzero(returns < split), "high": np.flatnonzero(returns >= split)}
@@ -82,7 +81,6 @@ def measure(ckpt: str, data: list[str] | None, split: float | None, steps: list[
             rows.append({"group": name, "episodes": len(ids), "steps": [lo, hi], **fit})
     return {
         "ckpt": ckpt,
-        "data": data or "embedded sample",
         "split": float(split),
         "return_gap": float(gap),
         "reward_scale": module.reward_scale,
@@ -103,7 +101,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    runs = [measure(ckpt, args.data, args.split, args.steps) for ckpt in args.ckpt]
+    episodes = episodes_from_dataset(load_local(args.data))  # once: every checkpoint is probed on the same windows
+    data = args.data or "embedded sample"
+    runs = [{**measure(ckpt, episodes, args.split, args.steps), "data": data} for ckpt in args.ckpt]
     for run in runs:
         print(
             f"\n{run['ckpt']}: groups split at return {run['split']:.0f}; returns moved by "
