@@ -14,15 +14,18 @@ In one process, the same policy (one set of weights) and the same (targets x epi
   (b) batched: `dtlab.rollout.rollout`, all episodes in one vector env, one model call a step;
   (c) ceiling: (b)'s sequence of batched model calls alone plus its envs stepped alone;
   (d) (b) through each inference backend (eval.backend: eager, jit, onnxruntime) and, at more
-      than one thread, with the envs in two worker groups (eval.workers); dtlab's defaults
+      than one thread, with the envs in two worker processes (eval.workers); dtlab's defaults
       (eval.backend=auto, eval.workers=auto) are one of these rows, marked, for the targets given
       and for 8 targets (a target sweep), each the median of 3 repetitions interleaved across
-      backends, with the model's share of the rollout's wall time and the backend's largest
-      action difference from eager on padded and full windows; and the most any exact backend
-      could give (`backend_speedup_bound`: eager's rollout with all of its model but the GEMMs
-      free, the GEMMs timed by torch.profiler).
+      backends, with the model's and the envs' shares of the rollout's time on its cores
+      (workers x wall time; model calls and env steps timed inside the rollout, in whichever
+      process makes them), the rest its overhead, and the backend's largest action difference from eager on padded and full windows; and the most an exact
+      backend in one process could give (`backend_speedup_bound`: eager's rollout with all of
+      its model but the GEMMs free, the GEMMs timed by torch.profiler; workers, which also run
+      the envs and the loop side by side, are not bound by it).
 Prints env-steps/s of each, the speed-ups of (b) over (a), (a') and (a''), and (b)'s overhead
-share (wall time that is neither model calls nor env steps); writes
+share (wall time that is neither model calls nor env steps, both timed inside the rollout;
+`overhead_share_vs_alone` takes them from (c) instead); writes
 benchmarks/results/eval_throughput.json, with `default_backend` and `backend_speedup` (the
 default row's env steps/s over eager's, medians of 3, same run), `fastest_backend` and
 `fastest_speedup` (per batch: the fastest row, what `dtlab.inference.FASTEST` and
@@ -37,6 +40,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
+import multiprocessing.sharedctypes
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +51,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import transformers
+from gymnasium.vector import SyncVectorEnv
 
 from dtlab import inference
 from dtlab.hf import to_transformers, transformers_actions
@@ -153,8 +159,8 @@ def ceiling(module: DTModule, n: int, max_steps: int, seed: int) -> tuple[float,
 
 
 # rows (d) beyond the backends themselves, at more than one torch thread: name -> (backend,
-# ONNX Runtime session config, rollout workers). Two workers: two groups of envs, each with
-# its own one-thread model calls, so that one group's envs step while the other's model runs.
+# ONNX Runtime session config, rollout workers). Two workers: two groups of envs, each in a
+# forked process with its own one-thread model calls, side by side on the two cores.
 VARIANTS = {
     "onnxruntime_nospin": ("onnxruntime", {"session.intra_op.allow_spinning": "0"}, 1),
     "onnxruntime_2workers": ("onnxruntime", {}, 2),
@@ -203,14 +209,17 @@ def backends(module: DTModule, env: dict, targets: list[float], episodes: int, s
             built[backend] = for_rollout(policy, chosen, n)
             torch.set_num_threads(threads)
         build_s[backend] = time.perf_counter() - start
+    shares = {b: [] for b in names}  # per repetition: (model, envs) share of the cores' time, in situ
     for _ in range(3):
         for backend in names:
-            start = time.perf_counter()
-            with variant(backend) as (chosen, workers):
+            with variant(backend) as (chosen, workers), timed_in_situ() as spent:
+                start = time.perf_counter()
                 result = rollout(
                     policy, env, targets, episodes, seed=seed, progress=False, backend=chosen, workers=workers
                 )
-            seconds[backend].append(time.perf_counter() - start)
+                wall = time.perf_counter() - start
+            seconds[backend].append(wall)
+            shares[backend].append([spent[k].value / (workers * wall) for k in ("model", "envs")])
             steps = sum(e["length"] for e in result["episodes"])
     out = {}
     for backend in names:
@@ -229,14 +238,50 @@ def backends(module: DTModule, env: dict, targets: list[float], episodes: int, s
         if backend == "eager":
             out["matmul_floor"] = matmul_floor(module.model, s, a, r, ts, env["max_episode_steps"])
             out["bound"] = median / (median - model_s + out["matmul_floor"])
+        model_share, env_share = np.median(shares[backend], axis=0)
         out[backend] = {
             "steps_per_s": steps / median,
             "seconds": seconds[backend],
             "build_seconds": build_s[backend],
-            "model_share": min(model_s / median, 1.0),
+            "workers": VARIANTS.get(backend, (backend, {}, 1))[2],
+            # of the cores' time (workers x wall time), timed in the rollout itself; the rest is
+            # the step loop's own work and waiting
+            "model_share": float(model_share),
+            "env_share": float(env_share),
+            "overhead_share": float(1.0 - model_share - env_share),
             "same_policy_max_abs_diff": diff,
         }
     return out
+
+
+@contextlib.contextmanager
+def timed_in_situ() -> Iterator[dict[str, multiprocessing.sharedctypes.Synchronized]]:
+    """Seconds spent in model calls (`Policy.act`, `BackendPolicy.act`) and in vector-env steps
+    by the rollouts run inside, in whichever process makes them (forked workers add to the same
+    shared counters): what each cost there, with the caches and threads as the loop leaves them
+    (a two-thread eager model call took ~1.5x as long inside a rollout as in a loop of its own)."""
+    spent = {"model": multiprocessing.Value("d", 0.0), "envs": multiprocessing.Value("d", 0.0)}
+
+    def timed(call: Callable, key: str) -> Callable:
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the call's own
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                with spent[key].get_lock():
+                    spent[key].value += time.perf_counter() - start
+
+        return wrapper
+
+    calls = [(Policy, "act", "model"), (inference.BackendPolicy, "act", "model"), (SyncVectorEnv, "step", "envs")]
+    originals = [getattr(owner, name) for owner, name, _ in calls]
+    for (owner, name, key), call in zip(calls, originals, strict=True):
+        setattr(owner, name, timed(call, key))
+    try:
+        yield spent
+    finally:
+        for (owner, name, _), call in zip(calls, originals, strict=True):
+            setattr(owner, name, call)
 
 
 @torch.inference_mode()
@@ -328,14 +373,19 @@ def main() -> None:
         steps = sequential(forward, module, args.targets, args.episodes, args.seed, args.max_steps, grad)
         seq[name] = (steps, time.perf_counter() - start)
 
-    start = time.perf_counter()
-    policy = Policy.from_module(module)
-    result = rollout(policy, env, args.targets, args.episodes, seed=args.seed, progress=False, backend="eager")
-    batched_s = time.perf_counter() - start
+    with timed_in_situ() as spent:
+        start = time.perf_counter()
+        policy = Policy.from_module(module)
+        result = rollout(policy, env, args.targets, args.episodes, seed=args.seed, progress=False, backend="eager")
+        batched_s = time.perf_counter() - start
     batched_steps = sum(e["length"] for e in result["episodes"])
 
     model_s, env_s = ceiling(module, n, args.max_steps, args.seed)
-    overhead = max(batched_s - model_s - env_s, 0.0) / batched_s
+    # the loop's own share: model calls and env steps timed where they ran. Taking them from (c)
+    # instead, run alone, counts the model's slowdown inside the loop as overhead (two-thread
+    # eager calls took ~1.5x as long there; 0.1.0's key, kept as overhead_share_vs_alone).
+    overhead = 1.0 - (spent["model"].value + spent["envs"].value) / batched_s
+    overhead_vs_alone = max(batched_s - model_s - env_s, 0.0) / batched_s
 
     batched_rate = batched_steps / batched_s
     seq_rates = {name: steps / seconds for name, (steps, seconds) in seq.items()}
@@ -346,6 +396,7 @@ def main() -> None:
         "speedup_vs_no_grad": batched_rate / seq_rates["sequential_no_grad"],
         "speedup_vs_same_model": batched_rate / seq_rates["sequential_dtlab_no_grad"],
         "overhead_share": overhead,
+        "overhead_share_vs_alone": overhead_vs_alone,
         "ceiling_steps_per_s": batched_steps / (model_s + env_s),
         "same_policy_max_abs_diff": same_policy_diff,
         "seconds": {
@@ -353,6 +404,8 @@ def main() -> None:
             "batched": batched_s,
             "model_alone": model_s,
             "envs_alone": env_s,
+            "model_in_situ": spent["model"].value,
+            "envs_in_situ": spent["envs"].value,
         },
         "setup": {
             "ckpt": args.ckpt,
@@ -388,9 +441,8 @@ def main() -> None:
         },
         "backend_speedup_bound": bounds,
         "matmul_floor_seconds": floors,
-        "backend_overhead_share": 1.0
-        - first[default]["model_share"]
-        - env_s / (batched_steps / first[default]["steps_per_s"]),
+        # the default's time on its workers' cores that is neither model calls nor env steps
+        "backend_overhead_share": first[default]["overhead_share"],
     }
     if args.preset_run:
         report["preset_evaluation_share"] = evaluation_share(args.preset_run, module, args.seed)
@@ -406,31 +458,34 @@ def main() -> None:
         print(f"{name:36} {steps:>10} {seconds:>9.1f} {steps / seconds:>9.0f}")
     print(
         f"speed-up (b)/(a): {report['speedup']:.1f}x, (b)/(a'): {report['speedup_vs_no_grad']:.1f}x, "
-        f"(b)/(a''): {report['speedup_vs_same_model']:.1f}x; (b) overhead share: {overhead:.1%}; "
+        f"(b)/(a''): {report['speedup_vs_same_model']:.1f}x; (b) overhead share: {overhead:.1%} "
+        f"({overhead_vs_alone:.1%} against (c)'s parts run alone); "
         f"(a) and (b) policies agree to {same_policy_diff:.1e}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(
-        f"\n{'(d) backend':18} {'targets x episodes':>18} {'steps/s':>9} {'vs eager':>9} "
-        f"{'model share':>12} {'max diff':>9}"
+        f"\n{'(d) backend':31} {'targets x episodes':>18} {'steps/s':>9} {'vs eager':>9} "
+        f"{'model share':>12} {'env share':>10} {'overhead':>9} {'max diff':>9}"
     )
     for config, results in per_backend.items():
         for backend, b in results.items():
             speedup = b["steps_per_s"] / results["eager"]["steps_per_s"]
             mark = " (default)" if backend == default else ""
             print(
-                f"{backend + mark:18} {config:>18} {b['steps_per_s']:>9.0f} {speedup:>8.2f}x "
-                f"{b['model_share']:>12.0%} {b['same_policy_max_abs_diff']:>9.1e}"
+                f"{backend + mark:31} {config:>18} {b['steps_per_s']:>9.0f} {speedup:>8.2f}x "
+                f"{b['model_share']:>12.0%} {b['env_share']:>10.0%} {b['overhead_share']:>9.0%} "
+                f"{b['same_policy_max_abs_diff']:>9.1e}"
             )
     print(
         f"fastest here ({torch.get_num_threads()} torch threads): "
         + ", ".join(f"{c} {b} {report['fastest_speedup'][c]:.2f}x" for c, b in report["fastest_backend"].items())
     )
     print(
-        "bound on any exact backend's speed-up (eager's GEMMs kept, the rest of the model free): "
+        "bound on an exact backend's speed-up in one process (eager's GEMMs kept, the rest of the model free): "
         + ", ".join(f"{config} {bound:.2f}x" for config, bound in bounds.items())
     )
+    print(f"the default's overhead share (of its workers' cores): {report['backend_overhead_share']:.1%}")
     if args.preset_run:
         share = report["preset_evaluation_share"]["share"]
         print("evaluation share of the preset run's wall time: " + ", ".join(f"{b} {v:.1%}" for b, v in share.items()))

@@ -1,4 +1,7 @@
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 
@@ -85,12 +88,15 @@ def test_auto_workers_are_two_at_two_threads_on_cpu_only():
         torch.set_num_threads(threads)
     with pytest.raises(DTLabError, match="eval.workers=0 must be auto or an integer of at least 1"):
         resolve_workers(0, torch.device("cpu"))
+    # workers are forked processes: a GPU model cannot be shared with them
+    with pytest.raises(DTLabError, match="eval.workers=2 forks worker processes, which run on CPU only"):
+        resolve_workers(2, torch.device("meta"))
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 def test_workers_step_the_same_episodes(backend):
-    """Groups of envs in threads: every env's episode as in one lockstep batch (Hopper falls, so
-    groups end at other steps), the model's mode and torch's threads as they were."""
+    """Groups of envs in worker processes: every env's episode as in one lockstep batch (Hopper
+    falls, so groups end at other steps), the model's mode and torch's threads as they were."""
     pytest.importorskip("onnxruntime")
     module = tiny_module(HOPPER)
     threads = torch.get_num_threads()
@@ -114,6 +120,31 @@ def test_workers_step_the_same_episodes(backend):
     np.testing.assert_allclose(
         [e["return"] for e in split["episodes"]], [e["return"] for e in one["episodes"]], rtol=1e-6
     )
+
+
+class DiesInWorkers(Policy):
+    """A policy whose worker processes die at their first action, as one killed by the OOM killer
+    would (and whose act raises in the caller's own process)."""
+
+    def act(self, window: dict[str, torch.Tensor]) -> torch.Tensor:
+        if os.getpid() != PARENT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise DTLabError("acted in the caller's process")
+
+
+PARENT = os.getpid()
+
+
+def test_a_dead_worker_is_one_clear_error():
+    """A worker process that dies mid-rollout ends the rollout with one line that says so and
+    how to see its error; no worker is left behind."""
+    module = tiny_module(HALFCHEETAH)
+    policy = DiesInWorkers(module.model, module.state_mean, module.state_std, module.reward_scale)
+    with pytest.raises(DTLabError, match=r"a rollout worker process died \(exit code -9\).*eval.workers=1"):
+        rollout(policy, HALFCHEETAH, [1000.0], 2, progress=False, workers=2)
+    assert multiprocessing.active_children() == []
+    with pytest.raises(DTLabError, match="acted in the caller's process"):  # one worker: this process
+        rollout(policy, HALFCHEETAH, [1000.0], 2, progress=False, workers=1)
 
 
 def test_same_seed_same_returns_other_seed_other_returns():

@@ -95,7 +95,7 @@ class Eval(_Group):  # dtlab.callbacks.EvaluationCallback, dtlab.evaluate
     report_seed: NonNegative
     vector_mode: Literal["sync", "async"]
     backend: Literal["auto", "eager", "jit", "onnxruntime"] = "auto"  # dtlab.inference
-    workers: Positive | Literal["auto"] = "auto"  # dtlab.rollout: groups of envs stepped in threads
+    workers: Positive | Literal["auto"] = "auto"  # dtlab.rollout: groups of envs stepped in processes
     video: bool
     video_frames: Positive
 

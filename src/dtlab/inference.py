@@ -12,15 +12,14 @@ is always an input, so the padded first K-1 steps go through the same graph):
 `auto` picks the fastest exact one measured (benchmarks/eval_throughput.py, `FASTEST`):
 onnxruntime at one torch thread, how sweeps run their jobs side by side. At more threads
 `eval.workers=auto` (`resolve_workers`) splits the envs into two groups, each stepped in a
-thread of its own at one torch thread, so auto is onnxruntime there too: on a quiet 2-core
-machine that rollout ran at 0.96-1.40x eager's two-thread env steps/s at 2 x 10 envs (median
-1.18x) and 1.27-1.46x at 8 x 10 (three runs), where ONNX Runtime alone at two threads ran at
-0.72-1.15x. On the README's checkpoint (K=5), one thread, a model call
-took 3.1 ms in ONNX Runtime against eager's 3.9 at 20 envs (12.2 against 17.0 ms at 80), and
-the rollout ran at 1.06-1.13x eager's env steps/s (CPU time, 20 envs; 1.12x at 80); jit at
-1.01-1.04x. No exact backend can give much more: the model's matrix products, which every
-backend still computes, are ~80% of eager's model time, and the envs ~20% of the rollout
-(`bound` in the benchmark). Without onnxruntime, auto is eager, with one log line.
+forked process of its own at one torch thread, so auto is onnxruntime there too. Threads of
+one process could not do that: the step loop's Python holds the GIL, and a two-thread rollout
+in threads ran at only 0.96-1.40x eager's two-thread one at 2 x 10 envs (three quiet runs on
+the README's K=5 checkpoint); in processes it ran at 1.5x and more (benchmarks/README.md).
+In one process no exact backend can give much more than eager: the model's matrix products,
+which every backend still computes, are ~80% of eager's model time, and the envs ~20% of the
+rollout (`bound` in the benchmark); ONNX Runtime ran at 1.06-1.13x eager's env steps/s at one
+thread, jit at 1.01-1.04x. Without onnxruntime, auto is eager, with one log line.
 
 A build costs an ONNX session (0.02-0.04 s) and, the first time for a model, its export
 (0.15-0.3 s): the graph is kept per model and each build puts the current weights into it, as
@@ -40,6 +39,7 @@ import importlib.util
 import io
 import json
 import logging
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -105,13 +105,24 @@ def _example(policy: Policy, batch: int) -> tuple[torch.Tensor, ...]:
 
 
 def resolve_workers(workers: int | str, device: torch.device) -> int:
-    """`auto` -> two env groups on a CPU with two or more torch threads (the fastest measured on
-    2 cores; more workers on more cores are unmeasured), else one. An int is itself."""
+    """`auto` -> two env groups on a CPU with two or more torch threads, on Linux (the fastest
+    measured on 2 cores; more workers on more cores are unmeasured), else one. An int is itself;
+    more than one needs Linux, where the rollout forks its workers."""
     if workers != "auto":
         if not isinstance(workers, int) or workers < 1:
             raise DTLabError(f"eval.workers={workers!r} must be auto or an integer of at least 1")
+        if workers > 1 and device.type != "cpu":  # a forked process cannot use the parent's CUDA
+            raise DTLabError(
+                f"eval.workers={workers} forks worker processes, which run on CPU only: use eval.workers=1 "
+                f"or auto on {device}"
+            )
+        if workers > 1 and not sys.platform.startswith("linux"):
+            raise DTLabError(
+                f"eval.workers={workers} forks worker processes, which dtlab does on Linux only, not on "
+                f"{sys.platform}: use eval.workers=1 or auto"
+            )
         return workers
-    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 and sys.platform.startswith("linux") else 1
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
+import multiprocessing
 import platform
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from multiprocessing.connection import Connection
 
 import gymnasium as gym
 import mujoco
@@ -123,9 +124,9 @@ def rollout(
     [N, T, ...]) when `record`. `backend`: how the model runs (dtlab.inference: eager, jit,
     onnxruntime, or auto, the fastest exact one here), built once for this rollout.
     `workers` > 1 splits the envs into that many groups, each stepped with its own model calls
-    in a thread of its own at one torch thread, so that one group's envs step while another's
-    model runs (a core idles while MuJoCo steps otherwise); every env's episode is its own
-    either way. `auto`: dtlab.inference.resolve_workers (2 on a CPU at 2+ torch threads).
+    in a forked process of its own at one torch thread (Linux), so that the groups' envs, model
+    calls and Python run side by side on the cores; every env's episode is its own either way.
+    `auto`: dtlab.inference.resolve_workers (2 on a CPU at 2+ torch threads, on Linux).
     Frames and trajectories are taken with one worker.
     `sample_seed`: None acts with the policy's action (for the gaussian head its mean: every
     evaluation); a seed samples each action from the gaussian head's distribution instead, the
@@ -154,24 +155,18 @@ def rollout(
     groups = np.array_split(np.arange(n), workers)  # contiguous groups of envs
     model.eval()
     try:
-        # one build, shared by the workers; exploration calls the head's distribution, which
-        # the backends' graphs do not export
+        # one build (at the workers' one thread), inherited by the forked workers; exploration
+        # calls the head's distribution, which the backends' graphs do not export
         policy = for_rollout(policy, backend if generator is None else "eager", max(len(g) for g in groups))
 
         def run(group: np.ndarray) -> dict:
-            if workers > 1:
-                torch.set_num_threads(1)  # OpenMP's thread count is per thread
             lo, hi = int(group[0]), int(group[-1]) + 1
             bar = progress and lo == 0  # the first group's progress stands for all
             return _episodes(
                 policy, env, target[lo:hi], seeds[lo:hi], vector_mode, video_frames, episodes, record, bar, generator
             )
 
-        if workers == 1:
-            parts = [run(groups[0])]
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                parts = list(pool.map(run, groups))
+        parts = [run(groups[0])] if workers == 1 else _in_processes(run, groups)
     finally:
         model.train(training)
         torch.set_num_threads(threads)
@@ -202,7 +197,56 @@ def rollout(
     return result
 
 
-@torch.inference_mode()  # again: a worker thread does not inherit the caller's mode
+def _in_processes(run: Callable[[np.ndarray], dict], groups: list[np.ndarray]) -> list[dict]:
+    """run(group) for each group, each in a forked process of its own, side by side: the results
+    in order. Threads of one process measured slower (the step loop's Python holds the GIL:
+    benchmarks/README.md); forked, each process has the policy, built once, without pickling it,
+    and sends back only its group's returns and lengths."""
+    fork = multiprocessing.get_context("fork")
+    children = []
+    try:
+        for group in groups:
+            receive, send = fork.Pipe(duplex=False)
+            child = fork.Process(target=_child, args=(run, group, send), name="dtlab-rollout")
+            child.start()
+            send.close()  # the child holds the sending end: EOF here if it dies
+            children.append((child, receive))
+        parts = []
+        for child, receive in children:
+            try:
+                ok, value = receive.recv()
+            except EOFError:
+                child.join()
+                raise DTLabError(
+                    f"a rollout worker process died (exit code {child.exitcode}) before sending its episodes: "
+                    "run with eval.workers=1 to see the error in this process"
+                ) from None
+            if not ok:
+                raise value
+            parts.append(value)
+        return parts
+    finally:
+        for child, receive in children:
+            if child.is_alive():
+                child.terminate()
+            child.join()
+            receive.close()
+
+
+def _child(run: Callable[[np.ndarray], dict], group: np.ndarray, send: Connection) -> None:
+    torch.set_num_threads(1)  # the workers share the cores
+    try:
+        send.send((True, run(group)))
+    except BaseException as e:  # noqa: BLE001 - the parent raises it
+        try:
+            send.send((False, e))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            send.send((False, DTLabError(f"a rollout worker process failed: {e!r}")))
+    finally:
+        send.close()
+
+
+@torch.inference_mode()  # again: a worker process's target does not inherit the caller's mode
 def _episodes(
     policy: Policy,
     env: Mapping,
