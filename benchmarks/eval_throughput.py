@@ -19,8 +19,9 @@ In one process, the same policy (one set of weights) and the same (targets x epi
       and for 8 targets (a target sweep), each the median of 3 repetitions interleaved across
       backends, with the model's and the envs' shares of the rollout's time on its cores
       (workers x wall time; model calls and env steps timed inside the rollout, in whichever
-      process makes them), the rest its overhead, and the backend's largest action difference from eager on padded and full windows; and the most an exact
-      backend in one process could give (`backend_speedup_bound`: eager's rollout with all of
+      process makes them), the rest its overhead, and the backend's largest action difference
+      from eager on padded and full windows; and the most an exact backend in one process
+      could give (`backend_speedup_bound`: eager's rollout with all of
       its model but the GEMMs free, the GEMMs timed by torch.profiler; workers, which also run
       the envs and the loop side by side, are not bound by it).
 Prints env-steps/s of each, the speed-ups of (b) over (a), (a') and (a''), and (b)'s overhead

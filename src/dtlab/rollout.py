@@ -15,9 +15,9 @@ import importlib.metadata
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import platform
 from collections.abc import Callable, Mapping, Sequence
-from multiprocessing.connection import Connection
 
 import gymnasium as gym
 import mujoco
@@ -159,14 +159,34 @@ def rollout(
         # calls the head's distribution, which the backends' graphs do not export
         policy = for_rollout(policy, backend if generator is None else "eager", max(len(g) for g in groups))
 
-        def run(group: np.ndarray) -> dict:
-            lo, hi = int(group[0]), int(group[-1]) + 1
-            bar = progress and lo == 0  # the first group's progress stands for all
-            return _episodes(
-                policy, env, target[lo:hi], seeds[lo:hi], vector_mode, video_frames, episodes, record, bar, generator
-            )
+        # The progress bar is drawn by this process only, from the steps of the first group (its
+        # progress stands for all): a forked worker writes nowhere a logger's thread may hold.
+        steps_done = multiprocessing.get_context("fork").RawValue("l", 0)  # shared with the workers
+        with tqdm(total=max_steps, desc="rollout", unit="step", leave=False, disable=not progress) as bar:
 
-        parts = [run(groups[0])] if workers == 1 else _in_processes(run, groups)
+            def show(done: int) -> None:
+                bar.update(done - bar.n)
+
+            def count(done: int) -> None:
+                steps_done.value = done
+
+            def run(group: np.ndarray) -> dict:
+                lo, hi = int(group[0]), int(group[-1]) + 1
+                on_step = None if lo else show if workers == 1 else count
+                return _episodes(
+                    policy,
+                    env,
+                    target[lo:hi],
+                    seeds[lo:hi],
+                    vector_mode,
+                    video_frames,
+                    episodes,
+                    record,
+                    on_step,
+                    generator,
+                )
+
+            parts = [run(groups[0])] if workers == 1 else _in_processes(run, groups, lambda: show(steps_done.value))
     finally:
         model.train(training)
         torch.set_num_threads(threads)
@@ -197,13 +217,16 @@ def rollout(
     return result
 
 
-def _in_processes(run: Callable[[np.ndarray], dict], groups: list[np.ndarray]) -> list[dict]:
+def _in_processes(
+    run: Callable[[np.ndarray], dict], groups: list[np.ndarray], waiting: Callable[[], None]
+) -> list[dict]:
     """run(group) for each group, each in a forked process of its own, side by side: the results
-    in order. Threads of one process measured slower (the step loop's Python holds the GIL:
-    benchmarks/README.md); forked, each process has the policy, built once, without pickling it,
-    and sends back only its group's returns and lengths."""
+    in order; `waiting()` is called a few times a second until all have arrived. Threads of one
+    process measured slower (the step loop's Python holds the GIL: benchmarks/README.md);
+    forked, each process has the policy, built once, without pickling it, and sends back only
+    its group's returns and lengths."""
     fork = multiprocessing.get_context("fork")
-    children = []
+    children, parts = [], [None] * len(groups)
     try:
         for group in groups:
             receive, send = fork.Pipe(duplex=False)
@@ -211,19 +234,22 @@ def _in_processes(run: Callable[[np.ndarray], dict], groups: list[np.ndarray]) -
             child.start()
             send.close()  # the child holds the sending end: EOF here if it dies
             children.append((child, receive))
-        parts = []
-        for child, receive in children:
-            try:
-                ok, value = receive.recv()
-            except EOFError:
-                child.join()
-                raise DTLabError(
-                    f"a rollout worker process died (exit code {child.exitcode}) before sending its episodes: "
-                    "run with eval.workers=1 to see the error in this process"
-                ) from None
-            if not ok:
-                raise value
-            parts.append(value)
+        pending = {receive: i for i, (_, receive) in enumerate(children)}
+        while pending:
+            for receive in multiprocessing.connection.wait(list(pending), timeout=0.2):
+                i = pending.pop(receive)
+                try:
+                    ok, value = receive.recv()
+                except EOFError:
+                    children[i][0].join()
+                    raise DTLabError(
+                        f"a rollout worker process died (exit code {children[i][0].exitcode}) before sending its "
+                        "episodes: run with eval.workers=1 to see the error in this process"
+                    ) from None
+                if not ok:
+                    raise value
+                parts[i] = value
+            waiting()
         return parts
     finally:
         for child, receive in children:
@@ -233,7 +259,7 @@ def _in_processes(run: Callable[[np.ndarray], dict], groups: list[np.ndarray]) -
             receive.close()
 
 
-def _child(run: Callable[[np.ndarray], dict], group: np.ndarray, send: Connection) -> None:
+def _child(run: Callable[[np.ndarray], dict], group: np.ndarray, send: multiprocessing.connection.Connection) -> None:
     torch.set_num_threads(1)  # the workers share the cores
     try:
         send.send((True, run(group)))
@@ -256,12 +282,12 @@ def _episodes(
     video_frames: int,
     episodes: int,
     record: bool,
-    progress: bool,
+    on_step: Callable[[int], None] | None = None,
     generator: torch.Generator | None = None,
 ) -> dict:
-    """One group's envs (env i: target[i], seeds[i]) stepped in lockstep to the end. Returns
-    its "received" rewards and "lengths" (N,), "frames" (every `episodes`-th env's first
-    `video_frames`) and "trajectories" when `record`."""
+    """One group's envs (env i: target[i], seeds[i]) stepped in lockstep to the end, calling
+    on_step(steps done) after each step. Returns its "received" rewards and "lengths" (N,),
+    "frames" (every `episodes`-th env's first `video_frames`) and "trajectories" when `record`."""
     model, K, n = policy.model, policy.context_length, len(seeds)
     max_steps = int(env["max_episode_steps"])
     render = {"render_mode": "rgb_array", "camera_name": "track", "width": 240, "height": 240} if video_frames else {}
@@ -285,7 +311,7 @@ def _episodes(
 
     try:
         obs, _ = envs.reset(seed=seeds)
-        for t in tqdm(range(max_steps), desc="rollout", unit="step", leave=False, disable=not progress):
+        for t in range(max_steps):
             rows = sequence_start + t  # (N,)
             states[rows] = policy.normalize(obs)
             returns_to_go[rows] = policy.scale(target - torch.from_numpy(received))  # target minus rewards so far
@@ -306,6 +332,8 @@ def _episodes(
             lengths += alive
             alive &= ~(terminated | truncated)
             obs = next_obs
+            if on_step is not None:
+                on_step(t + 1)
             if not alive.any():
                 break
     finally:
