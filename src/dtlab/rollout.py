@@ -161,7 +161,7 @@ def rollout(
 
         # The progress bar is drawn by this process only, from the steps of the first group (its
         # progress stands for all): a forked worker writes nowhere a logger's thread may hold.
-        steps_done = multiprocessing.get_context("fork").RawValue("l", 0)  # shared with the workers
+        steps_done = multiprocessing.RawValue("l", 0)  # shared memory, which forked workers inherit
         with tqdm(total=max_steps, desc="rollout", unit="step", leave=False, disable=not progress) as bar:
 
             def show(done: int) -> None:
