@@ -205,7 +205,7 @@ def test_a_hub_checkpoint_without_dtlab_json_evaluates_with_the_tutorials_normal
 
     random_transformers_model().save_pretrained(tmp_path / "hf")
     args = [f"hf_model={tmp_path / 'hf'}", "dataset=sample", "env=halfcheetah", "env.max_episode_steps=20"]
-    policy, *_ = load_policy(make_cfg(*args, config="evaluate"))
+    policy, _ = load_policy(make_cfg(*args, config="evaluate"))
     # the HF tutorial's: mean and std over every step of the data, std + 1e-6; scale=1000
     steps = np.concatenate(
         [np.asarray(o, dtype=np.float64) for o in Dataset.from_parquet(str(SAMPLE_PATH))["observations"]]

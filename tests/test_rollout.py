@@ -261,10 +261,12 @@ def test_final_evaluation_reports_last_and_best_on_seeds_no_selection_used(tiny_
         assert len(seeds) == 4 and not set(seeds) & set(range(selection[0], selection[1] + 1))
         for s in record["summary"]:
             assert metrics[f"final/{name}/{s['target']:g}/normalized_score"] == pytest.approx(s["normalized_score"])
-    # dtlab.evaluate defaults to the same reporting protocol: on last.ckpt it repeats final/last exactly
+    # dtlab.evaluate defaults to the same reporting protocol and to the run's own targets (the
+    # sample's, which dataset=sample chose in training): on last.ckpt it repeats final/last exactly
     last = f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"
-    as_trained = ("eval.final_episodes=2", "eval.backend=eager", "target_return=sample")  # smoke's, the sample's
+    as_trained = ("eval.final_episodes=2", "eval.backend=eager")  # smoke's episodes
     report = evaluate(make_cfg(last, *as_trained, config="evaluate"))
+    assert report["protocol"]["targets"] == [4125.0, 11582.0]
     assert report["protocol"]["seeds"] == [10000, 10003] and report["protocol"]["seeds_role"] == "reporting"
     assert report["protocol"]["step"] == 20
     assert [e["return"] for e in report["episodes"]] == [e["return"] for e in final["last"]["episodes"]]

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -140,6 +141,21 @@ def test_small_is_the_papers_model_and_old_checkpoints_act_as_before(make_cfg):
             np.array(case["states"]), np.array(case["actions"]), np.array(case["returns_to_go"]), case["timesteps"]
         )
         np.testing.assert_allclose(action, case["action"], atol=1e-6)
+
+
+def test_evaluate_falls_back_to_paper_targets_for_a_checkpoint_that_does_not_record_its_own(make_cfg, caplog):
+    from dtlab.evaluate import evaluate
+
+    old = Path(__file__).parent / "fixtures" / "dtlab-0.1.0-smoke.ckpt"  # written before runs recorded targets
+    args = ("env.max_episode_steps=5", "eval.final_episodes=1", "eval.backend=eager")
+    with caplog.at_level(logging.INFO, logger="dtlab.evaluate"):
+        report = evaluate(make_cfg(f"ckpt_path={old}", "env=halfcheetah", *args, config="evaluate"))
+    assert report["protocol"]["targets"] == [6000.0, 12000.0]  # HalfCheetah's paper targets
+    assert "does not record the targets its run evaluated at" in caplog.text
+    # asked for, targets are the user's, whatever the checkpoint records
+    custom = ("target_return=custom", "target_return.values=[100]")
+    report = evaluate(make_cfg(f"ckpt_path={old}", "env=halfcheetah", *args, *custom, config="evaluate"))
+    assert report["protocol"]["targets"] == [100.0]
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -29,9 +29,10 @@ from dtlab.rollout import check_env, evaluation_record, format_summary, protocol
 log = logging.getLogger(__name__)
 
 
-def load_policy(cfg: DictConfig) -> tuple[Policy, str | None, dict | None, list[float] | None]:
-    """The policy to evaluate, with what its source says of its training (None where it says
-    nothing): the env id, that env's config, the training data's episode returns."""
+def load_policy(cfg: DictConfig) -> tuple[Policy, dict]:
+    """The policy to evaluate, with what its source says of its training: {"env_id", "env" (that
+    env's config), "episode_returns" (the training data's), "target_return" (the run's target
+    config)}, each None where the source says nothing."""
     if (cfg.ckpt_path is None) == (cfg.hf_model is None):
         raise DTLabError(
             "give one of ckpt_path=PATH (a dtlab checkpoint) or hf_model=PATH (a transformers save_pretrained folder)"
@@ -47,12 +48,39 @@ def load_policy(cfg: DictConfig) -> tuple[Policy, str | None, dict | None, list[
             imported.state_std = (episodes.observations.std(axis=0) + 1e-6).tolist()
             imported.reward_scale = float(cfg.hf_reward_scale)
             returns = episodes.returns.tolist()
-        return imported.policy(repr(cfg.hf_model)), imported.env_id, None, returns
+        trained = {"env_id": imported.env_id, "env": None, "episode_returns": returns, "target_return": None}
+        return imported.policy(repr(cfg.hf_model)), trained
     find_checkpoint(cfg.ckpt_path)  # before Lightning is imported (~9 s), so that a wrong path fails at once
     from dtlab.checkpoint import load_checkpoint
 
     module = load_checkpoint(cfg.ckpt_path)
-    return Policy.from_module(module), module.hparams.env_id, module.env_config, module.episode_returns
+    trained = {
+        "env_id": module.hparams.env_id,
+        "env": module.env_config,
+        "episode_returns": module.episode_returns,
+        "target_return": module.target_return,
+    }
+    return Policy.from_module(module), trained
+
+
+def choose_targets(cfg: DictConfig, trained: dict, source: str) -> None:
+    """target_return=null (the default): the targets the checkpoint's run evaluated at, so that
+    evaluating last.ckpt repeats its final evaluation; the env's paper targets for a source that
+    does not record them (an hf_model, a checkpoint written before dtlab recorded them)."""
+    if cfg.get("target_return") is not None:
+        return
+    with open_dict(cfg):
+        if trained["target_return"] is not None:
+            cfg.target_return = trained["target_return"]
+            log.info("targets: those %s's run evaluated at (choose others with target_return=...)", source)
+        else:
+            cfg.target_return = {"values": list(cfg.env.get("target_returns") or [])}
+            log.info(
+                "%s does not record the targets its run evaluated at: the env's paper targets %s "
+                "(choose others with target_return=...)",
+                source,
+                list(cfg.target_return["values"]),
+            )
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -60,14 +88,15 @@ def evaluate(cfg: DictConfig) -> dict:
     check_config(cfg, EvaluateConfig)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy, trained_env_id, trained_in, episode_returns = load_policy(cfg)
+    policy, trained = load_policy(cfg)
+    trained_env_id, episode_returns = trained["env_id"], trained["episode_returns"]
     source_key = "ckpt_path" if cfg.ckpt_path is not None else "hf_model"
     source = cfg[source_key]
     with open_dict(cfg):
         if cfg.get("env") is None:
-            if not trained_in:
+            if not trained["env"]:
                 raise DTLabError(f"{source!r} does not say its env config: choose one with env=...")
-            cfg.env = trained_in
+            cfg.env = trained["env"]
     if trained_env_id is not None and cfg.env.id != trained_env_id:
         raise DTLabError(
             f"{source_key} was trained in {trained_env_id} but env={cfg.env.id} was asked: "
@@ -80,6 +109,7 @@ def evaluate(cfg: DictConfig) -> dict:
             f"but {cfg.env.id} has {cfg.env.obs_dim} and {cfg.env.act_dim}: choose the env it was trained in"
         )
     check_env(cfg.env)
+    choose_targets(cfg, trained, source)
     check_config(cfg, EvaluateTargets)
     from dtlab.callbacks import plot_return_conditioning, write_video  # Lightning: after the checks
     from dtlab.checkpoint import checkpoint_facts

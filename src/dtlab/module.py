@@ -112,16 +112,23 @@ class DTModule(L.LightningModule):
         self.register_buffer("state_std", torch.tensor(state_std, dtype=torch.float32))
         self.reward_scale = reward_scale
         # Set by dtlab.train, kept in the checkpoint for evaluation with no Hydra config at hand:
-        # the env config (reference scores, paper targets) and the training data's episode returns.
+        # the env config (reference scores, paper targets), the training data's episode returns and
+        # the run's target_return config (dtlab.evaluate's default targets: the run's own).
         self.env_config: dict | None = None
         self.episode_returns: list[float] | None = None
+        self.target_return: dict | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["dtlab"] = {"env": self.env_config, "episode_returns": self.episode_returns}
+        checkpoint["dtlab"] = {
+            "env": self.env_config,
+            "episode_returns": self.episode_returns,
+            "target_return": self.target_return,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         extra = checkpoint.get("dtlab", {})
         self.env_config, self.episode_returns = extra.get("env"), extra.get("episode_returns")
+        self.target_return = extra.get("target_return")  # None in checkpoints written before 2026-12-02
 
     def _action_mse(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """MSE between predicted and dataset actions, over real (unpadded) steps only."""

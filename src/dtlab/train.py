@@ -78,6 +78,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     module.env_config = OmegaConf.to_container(cfg.env, resolve=True)
     module.episode_returns = datamodule.episode_returns.tolist()
+    module.target_return = OmegaConf.to_container(cfg.target_return, resolve=True)
     ckpt_path = resume_path(ckpt_path, module)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     if cfg.get("online") is not None:  # after the evaluation callback: a round follows its step's evaluation
