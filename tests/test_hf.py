@@ -13,6 +13,7 @@ from transformers import DecisionTransformerConfig, DecisionTransformerModel  # 
 from dtlab import DTLabError  # noqa: E402
 from dtlab.evaluate import evaluate  # noqa: E402
 from dtlab.hf import from_transformers, to_transformers, transformers_actions  # noqa: E402
+from dtlab.model import DecisionTransformer, DTConfig  # noqa: E402
 from dtlab.module import DTModule  # noqa: E402
 
 B, K, STATE, ACT, MAX_EP_LEN = 4, 20, 17, 6, 1000
@@ -70,6 +71,15 @@ def test_import_predicts_transformers_actions_and_export_reloads_the_same(tmp_pa
     assert not reloaded.encoder.wpe.weight.any()  # the position table was folded into embed_ln
     assert max_action_diff(reloaded, imported.model) <= TOL
     assert max_action_diff(hf, from_transformers(tmp_path).model) <= TOL
+
+
+def test_a_model_without_a_timestep_table_exports_with_a_table_of_zeros(tmp_path):
+    model = DecisionTransformer(
+        DTConfig(state_dim=STATE, act_dim=ACT, max_ep_len=MAX_EP_LEN, context_length=K, timestep_embedding=False)
+    ).eval()
+    hf = to_transformers(model)
+    assert not hf.embed_timestep.weight.any()
+    assert max_action_diff(hf, model) <= TOL
 
 
 def test_module_round_trip_keeps_normalization_env_and_k(tmp_path):

@@ -90,3 +90,35 @@ def test_weight_decay_only_on_linear_weights(model):
     not_decayed = {names[id(p)] for p in no_decay["params"]}
     assert {"embed_timestep.weight", "embed_ln.weight", "h.0.ln_1.weight", "embed_state.bias"} <= not_decayed
     assert len(decayed) + len(not_decayed) == len(list(model.parameters()))
+
+
+def dt(**config) -> DecisionTransformer:
+    torch.manual_seed(0)
+    config = {"state_dim": S, "act_dim": A, "max_ep_len": 100, "context_length": K, "n_layer": 2, "n_embd": 32} | config
+    return DecisionTransformer(DTConfig(**config)).eval()
+
+
+def test_without_a_timestep_table_timesteps_change_nothing():
+    model = dt(timestep_embedding=False)
+    assert model.embed_timestep is None and not any("timestep" in n for n, _ in model.named_parameters())
+    x = inputs()
+    later = {**x, "timesteps": x["timesteps"] + 50}
+    assert torch.equal(model(**x), model(**later))
+    assert not torch.equal(dt()(**x), dt()(**later))  # the paper's model reads them
+
+
+@pytest.mark.parametrize("return_init, reads_return", [("gpt2", False), ("torch", True)])
+def test_return_init_decides_whether_a_model_without_timesteps_starts_blind_to_its_return(return_init, reads_return):
+    # LayerNorm(w R + b) is one vector for every R > 0 when b = 0 (GPT-2's bias init), so with
+    # nothing else added to the return token the untrained model's actions ignore R
+    model = dt(timestep_embedding=False, return_init=return_init)
+    x = inputs()
+    x["returns_to_go"] = x["returns_to_go"].abs() + 0.1
+    higher = {**x, "returns_to_go": x["returns_to_go"] * 3}
+    moved = (model(**x) - model(**higher)).abs().max().item()
+    assert (moved > 1e-4) == reads_return, moved
+
+
+def test_an_unknown_return_init_is_refused():
+    with pytest.raises(ValueError, match="return_init='xavier' is unknown"):
+        dt(return_init="xavier")

@@ -49,6 +49,8 @@ class Model(_Group):  # dtlab.module.DTModule
     dropout: Fraction
     activation: Literal["relu", "gelu", "gelu_tanh"] = "gelu"
     action_tanh: bool = True
+    timestep_embedding: bool = True  # the paper's; false: none (conf/model/cpu.yaml says why)
+    return_init: Literal["gpt2", "torch"] = "gpt2"  # dtlab.model.DTConfig
     learning_rate: Annotated[float, Field(gt=0.0)]
     weight_decay: Annotated[float, Field(ge=0.0)]
     betas: tuple[Fraction, Fraction]

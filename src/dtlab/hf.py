@@ -233,6 +233,8 @@ def to_transformers(module_or_model: torch.nn.Module, out_dir: str | Path | None
     hf = transformers.DecisionTransformerModel(hf_config)
     weights = hf.state_dict()  # the state and return heads keep transformers' initialisation
     ours = model.state_dict()
+    if not c.timestep_embedding:  # no table: a table of zeros adds nothing, exactly
+        ours["embed_timestep.weight"] = torch.zeros_like(weights["embed_timestep.weight"])
     for name, hf_name, transposed in _weight_map(c.n_layer):
         weights[hf_name] = ours[name].t() if transposed else ours[name]
     weights["encoder.wpe.weight"] = torch.zeros_like(weights["encoder.wpe.weight"])  # folded into embed_ln.bias

@@ -46,9 +46,19 @@ class DTConfig:
     # tanh-squashed diagonal Gaussian (the ODT paper's, trained by likelihood), whose mean
     # tanh(mu) forward() returns; it always squashes, so it needs action_tanh.
     action_head: str = "deterministic"
+    # The paper's timestep embedding: a learned table of max_ep_len rows added to every token.
+    # False: none. On a few dozen episodes the table lets the model fit each training episode's
+    # actions by their time instead of by their states (benchmarks/README.md#return-conditioning).
+    timestep_embedding: bool = True
+    # The return embedding's initialisation: "gpt2" (weight N(0, 0.02), bias 0, as every layer
+    # here) or "torch" (PyTorch's default, U(-1, 1) for one input: the reference code's). The
+    # return token is LayerNorm(w R + b + time embedding); with b = 0 and no timestep embedding
+    # that is the same vector for every R > 0, so the model would start blind to its return.
+    return_init: str = "gpt2"
 
 
 ACTION_HEADS = ("deterministic", "gaussian")
+RETURN_INITS = ("gpt2", "torch")
 # log std of the gaussian head, squashed into this range (the ODT reference code's, from
 # pytorch_sac): std from e^-5 = 0.007 (near-deterministic) to e^2 = 7.4 (near-uniform after tanh)
 LOG_STD_BOUNDS = (-5.0, 2.0)
@@ -152,7 +162,7 @@ class DecisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         C = config.n_embd
-        self.embed_timestep = nn.Embedding(config.max_ep_len, C)
+        self.embed_timestep = nn.Embedding(config.max_ep_len, C) if config.timestep_embedding else None
         self.embed_return = nn.Linear(1, C)
         self.embed_state = nn.Linear(config.state_dim, C)
         self.embed_action = nn.Linear(config.act_dim, C)
@@ -162,6 +172,8 @@ class DecisionTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         if config.action_head not in ACTION_HEADS:
             raise ValueError(f"action_head={config.action_head!r} is unknown: use one of {ACTION_HEADS}")
+        if config.return_init not in RETURN_INITS:
+            raise ValueError(f"return_init={config.return_init!r} is unknown: use one of {RETURN_INITS}")
         if config.action_head == "gaussian" and not config.action_tanh:
             raise ValueError("action_head='gaussian' is tanh-squashed: it needs action_tanh=True")
         self.predict_action = nn.Linear(C, config.act_dim)  # the action; the gaussian's mu
@@ -172,6 +184,8 @@ class DecisionTransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.return_init == "torch":
+            self.embed_return.reset_parameters()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -240,7 +254,7 @@ class DecisionTransformer(nn.Module):
             actions = actions.masked_fill(~mask[..., None], 0.0)
             returns_to_go = returns_to_go.masked_fill(~mask, 0.0)
             timesteps = timesteps.masked_fill(~mask, 0)
-        time = self.embed_timestep(timesteps)  # (B, K, C)
+        time = 0.0 if self.embed_timestep is None else self.embed_timestep(timesteps)  # (B, K, C)
         r = self.embed_return(returns_to_go[..., None]) + time  # (B, K, C)
         s = self.embed_state(states) + time  # (B, K, C)
         a = self.embed_action(actions) + time  # (B, K, C)

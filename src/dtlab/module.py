@@ -45,6 +45,8 @@ class DTModule(L.LightningModule):
         dropout: float = 0.1,
         activation: str = "gelu",
         action_tanh: bool = True,
+        timestep_embedding: bool = True,
+        return_init: str = "gpt2",
         learning_rate: float = 1e-4,
         weight_decay: float = 1e-4,
         betas: Sequence[float] = (0.9, 0.999),
@@ -65,6 +67,8 @@ class DTModule(L.LightningModule):
         paper's "relu".
         lr_schedule: "constant" (linear warmup, then constant, as the paper) or "cosine"
         (linear warmup, then cosine decay to 0 at trainer.max_steps).
+        timestep_embedding, return_init: dtlab.model.DTConfig's; the paper's model is the
+        default (a timestep table; every layer at GPT-2's initialisation).
         seed: the run's seed; the dropout masks of a training step are drawn from it.
         policy: the network, "dt" (DecisionTransformer) or "mlp_bc" (MLPBC, behaviour cloning:
         n_layer, n_embd, dropout and K size its MLP); both are trained the same way, by MSE on
@@ -95,6 +99,8 @@ class DTModule(L.LightningModule):
             activation=activation,
             action_tanh=action_tanh,
             action_head=action_head,
+            timestep_embedding=timestep_embedding,
+            return_init=return_init,
         )
         if policy not in POLICIES:
             raise DTLabError(f"model.policy={policy!r} is unknown: use one of {sorted(POLICIES)}")
