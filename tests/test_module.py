@@ -1,13 +1,15 @@
 """DTModule: the loss over real steps only, and random streams apart."""
 
 import numpy as np
+import pytest
 import torch
 
+from dtlab import DTLabError
 from dtlab.data import BATCHES, WindowSampler, episodes_from_dataset, episodes_to_dataset, stream_seed
 from dtlab.module import DTModule
 
 
-def module(policy: str = "dt", n_layer: int = 1) -> DTModule:
+def module(policy: str = "dt", n_layer: int = 1, **options) -> DTModule:
     torch.manual_seed(0)
     return DTModule(
         env_id="HalfCheetah-v5",
@@ -22,6 +24,7 @@ def module(policy: str = "dt", n_layer: int = 1) -> DTModule:
         n_embd=16,
         dropout=0.0,
         policy=policy,
+        **options,
     )
 
 
@@ -80,3 +83,11 @@ def test_bc_ignores_returns_to_go_and_past_actions_and_dt_does_not():
             ]
     assert torch.equal(*outputs["mlp_bc"])
     assert not torch.allclose(*outputs["dt"], atol=1e-4)
+
+
+def test_the_model_options_reach_the_network():
+    assert module().model.embed_timestep is not None  # the paper's table by default
+    bare = module(timestep_embedding=False, return_init="torch")
+    assert bare.model.embed_timestep is None and bare.model.config.return_init == "torch"
+    with pytest.raises(DTLabError, match="return_init='xavier' is unknown"):
+        module(return_init="xavier")

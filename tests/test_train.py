@@ -143,6 +143,16 @@ def test_small_is_the_papers_model_and_old_checkpoints_act_as_before(make_cfg):
         np.testing.assert_allclose(action, case["action"], atol=1e-6)
 
 
+def test_the_default_recipe_is_dropped_whole_by_choosing_another_model(make_cfg):
+    default = make_cfg()
+    recipe = (default.model.timestep_embedding, default.model.return_init, default.model.dropout)
+    assert recipe == (False, "torch", 0.0) and default.data.reward_scale == 0.0001  # conf/model/cpu.yaml
+    assert make_cfg("model.dropout=0.2").data.reward_scale == 0.0001  # a key override keeps the rest
+    for other in ("small", "tiny"):
+        cfg = make_cfg(f"model={other}")
+        assert cfg.model.get("timestep_embedding", True) and cfg.data.reward_scale == 0.001  # the paper's
+
+
 def test_evaluate_falls_back_to_paper_targets_for_a_checkpoint_that_does_not_record_its_own(make_cfg, caplog):
     from dtlab.evaluate import evaluate
 
