@@ -25,8 +25,8 @@ ENV = {
 BACKENDS = ["jit", "onnxruntime"]
 
 
-def module(policy: str = "dt") -> DTModule:
-    return random_module(context_length=8, n_embd=32, policy=policy).eval()
+def module(policy: str = "dt", **options) -> DTModule:
+    return random_module(context_length=8, n_embd=32, policy=policy, **options).eval()
 
 
 @pytest.fixture(scope="module", params=["dt", "mlp_bc"])
@@ -125,11 +125,15 @@ def test_a_backend_that_is_not_eagers_function_runs_eager(monkeypatch, caplog):
     assert "(its actions differ from eager's by 1.0e-04 > 1e-5): using eager" in caplog.text
 
 
+@pytest.mark.parametrize("timesteps", [True, False])  # False: the default run's DT, no timestep table
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_an_exported_policy_gives_acts_actions(tmp_path, fmt):
-    dt = module()
+def test_an_exported_policy_gives_acts_actions(tmp_path, fmt, timesteps):
+    dt = module(timestep_embedding=timesteps, return_init="gpt2" if timesteps else "torch")
     out = export_policy(Policy.from_module(dt), fmt, tmp_path / f"policy.{fmt}", {"context_length": 8})
-    assert json.loads((tmp_path / f"policy.{fmt}.json").read_text())["context_length"] == 8
+    metadata = json.loads((tmp_path / f"policy.{fmt}.json").read_text())
+    assert metadata["context_length"] == 8
+    if fmt == "onnx":  # the inputs the file takes
+        assert ("timesteps" in metadata["inputs"]) == timesteps and "observations" in metadata["inputs"]
     rng = np.random.default_rng(3)
     for T in (1, 5, 12):  # padded, padded, a full window of the last 8 steps
         obs, act = rng.normal(size=(T, 17)).astype(np.float32), rng.uniform(-1, 1, (T, 6)).astype(np.float32)

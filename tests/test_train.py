@@ -163,9 +163,9 @@ def test_evaluate_falls_back_to_paper_targets_for_a_checkpoint_that_does_not_rec
     assert report["protocol"]["targets"] == [6000.0, 12000.0]  # HalfCheetah's paper targets
     assert "does not record the targets its run evaluated at" in caplog.text
     # asked for, targets are the user's, whatever the checkpoint records
-    custom = ("target_return=custom", "target_return.values=[100]")
-    report = evaluate(make_cfg(f"ckpt_path={old}", "env=halfcheetah", *args, *custom, config="evaluate"))
-    assert report["protocol"]["targets"] == [100.0]
+    for custom in (("target_return=custom", "target_return.values=[100]"), ("target_return.values=[100]",)):
+        report = evaluate(make_cfg(f"ckpt_path={old}", "env=halfcheetah", *args, *custom, config="evaluate"))
+        assert report["protocol"]["targets"] == [100.0]
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

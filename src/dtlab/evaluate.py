@@ -64,10 +64,12 @@ def load_policy(cfg: DictConfig) -> tuple[Policy, dict]:
 
 
 def choose_targets(cfg: DictConfig, trained: dict, source: str) -> None:
-    """target_return=null (the default): the targets the checkpoint's run evaluated at, so that
-    evaluating last.ckpt repeats its final evaluation; the env's paper targets for a source that
-    does not record them (an hf_model, a checkpoint written before dtlab recorded them)."""
-    if cfg.get("target_return") is not None:
+    """No targets given (target_return=run, the default): the targets the checkpoint's run
+    evaluated at, so that evaluating last.ckpt repeats its final evaluation; the env's paper
+    targets for a source that does not record them (an hf_model, a checkpoint written before
+    dtlab recorded them)."""
+    given = cfg.get("target_return") or {}
+    if any(given.get(k) for k in ("values", "quantiles", "max_multiples", "final_sweep_points")):
         return
     with open_dict(cfg):
         if trained["target_return"] is not None:

@@ -53,6 +53,7 @@ def export(cfg: DictConfig) -> Path:
         "act_dim": hp.act_dim,
         "context_length": hp.context_length,
         "max_ep_len": hp.max_ep_len,
+        "timestep_embedding": hp.get("timestep_embedding", True),
         "reward_scale": float(module.reward_scale),
         "policy": hp.get("policy", "dt"),
         "data_returns": {"min": min(returns), "max": max(returns)} if returns else None,

@@ -289,6 +289,11 @@ def export_policy(policy: Policy, fmt: str, out: Path, metadata: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
         _export_onnx(module, example, out)
+        import onnx
+
+        # the exporter leaves out inputs the policy never reads (BC: actions, returns-to-go and
+        # timesteps; a DT without a timestep table: timesteps), so say which the file takes
+        metadata = {**metadata, "inputs": [i.name for i in onnx.load(str(out)).graph.input]}
     elif fmt == "torchscript":
         with torch.no_grad():
             traced = torch.jit.freeze(torch.jit.trace(module, example))
