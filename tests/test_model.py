@@ -6,13 +6,15 @@ from dtlab.model import DecisionTransformer, DTConfig
 K, S, A = 8, 5, 3
 
 
+def dt(**config) -> DecisionTransformer:
+    torch.manual_seed(0)
+    sizes = {"max_ep_len": 100, "context_length": K, "n_layer": 2, "n_head": 2, "n_embd": 32}
+    return DecisionTransformer(DTConfig(state_dim=S, act_dim=A, **sizes | config)).eval()
+
+
 @pytest.fixture
 def model() -> DecisionTransformer:
-    torch.manual_seed(0)
-    m = DecisionTransformer(
-        DTConfig(state_dim=S, act_dim=A, max_ep_len=100, context_length=K, n_layer=2, n_head=2, n_embd=32)
-    )
-    return m.eval()
+    return dt()
 
 
 def inputs(batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -90,12 +92,6 @@ def test_weight_decay_only_on_linear_weights(model):
     not_decayed = {names[id(p)] for p in no_decay["params"]}
     assert {"embed_timestep.weight", "embed_ln.weight", "h.0.ln_1.weight", "embed_state.bias"} <= not_decayed
     assert len(decayed) + len(not_decayed) == len(list(model.parameters()))
-
-
-def dt(**config) -> DecisionTransformer:
-    torch.manual_seed(0)
-    config = {"state_dim": S, "act_dim": A, "max_ep_len": 100, "context_length": K, "n_layer": 2, "n_embd": 32} | config
-    return DecisionTransformer(DTConfig(**config)).eval()
 
 
 def test_without_a_timestep_table_timesteps_change_nothing():

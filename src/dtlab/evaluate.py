@@ -24,7 +24,15 @@ from dtlab.config import EvaluateConfig, EvaluateTargets, check_config
 from dtlab.data import episodes_from_dataset
 from dtlab.hf import from_transformers
 from dtlab.policy import Policy
-from dtlab.rollout import check_env, evaluation_record, format_summary, protocol, resolve_targets, rollout
+from dtlab.rollout import (
+    asks_for_targets,
+    check_env,
+    evaluation_record,
+    format_summary,
+    protocol,
+    resolve_targets,
+    rollout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +76,7 @@ def choose_targets(cfg: DictConfig, trained: dict, source: str) -> None:
     evaluated at, so that evaluating last.ckpt repeats its final evaluation; the env's paper
     targets for a source that does not record them (an hf_model, a checkpoint written before
     dtlab recorded them)."""
-    given = cfg.get("target_return") or {}
-    if any(given.get(k) for k in ("values", "quantiles", "max_multiples", "final_sweep_points")):
+    if asks_for_targets(cfg.get("target_return")):
         return
     with open_dict(cfg):
         if trained["target_return"] is not None:

@@ -99,6 +99,13 @@ def resolve_targets(
     return list(dict.fromkeys(targets))  # in order, each once
 
 
+def asks_for_targets(target_return: Mapping | None) -> bool:
+    """Whether a `target_return` config names any target for resolve_targets to resolve (none:
+    dtlab.evaluate takes the checkpoint's run's own)."""
+    keys = ("values", "quantiles", "max_multiples", "final_sweep_points")  # what resolve_targets reads
+    return any((target_return or {}).get(k) for k in keys)
+
+
 @torch.inference_mode()
 def rollout(
     policy: Policy,
