@@ -113,14 +113,14 @@ def test_embedded_sample_loads():
     episodes = episodes_from_dataset(load_local(None))
     assert SAMPLE_PATH.stat().st_size <= 4e6
     assert episodes.observations.shape[1] == 17 and episodes.actions.shape[1] == 6
-    assert episodes.num_episodes == 30 and (episodes.lengths == 1000).all()
+    assert episodes.num_episodes == 50 and (episodes.lengths == 1000).all()
 
 
 def test_the_default_run_asks_for_the_samples_two_behaviours(make_cfg):
     """dataset=sample (the default) evaluates at its medium and expert episodes' mean returns,
     and any target_return= given still wins."""
-    returns = episodes_from_dataset(load_local(None)).returns  # 18 medium episodes, then 12 expert
-    assert list(make_cfg().target_return["values"]) == [round(returns[:18].mean()), round(returns[18:].mean())]
+    returns = episodes_from_dataset(load_local(None)).returns  # 12 medium episodes, then 38 expert
+    assert list(make_cfg().target_return["values"]) == [round(returns[:12].mean()), round(returns[12:].mean())]
     assert make_cfg("target_return=paper").target_return["values"] == [6000.0, 12000.0]
     assert make_cfg("dataset=local", "dataset.path=x.parquet").target_return["values"] == [6000.0, 12000.0]
 

@@ -208,13 +208,13 @@ def tiny_checkpoint(tmp_path_factory):
 
 def test_callback_logs_eval_metrics_plots_and_video(tiny_checkpoint):
     out, metrics = tiny_checkpoint
-    assert {"eval/4125/return_mean", "eval/11582/normalized_score", "eval/normalized_score"} <= set(metrics)
+    assert {"eval/4074/return_mean", "eval/11544/normalized_score", "eval/normalized_score"} <= set(metrics)
     assert sorted(p.name for p in (out / "eval").glob("*.png")) == [
         "return_conditioning_step10.png",
         "return_conditioning_step20.png",
     ]
     assert (out / "checkpoints" / "best.ckpt").is_file()
-    video = out / "eval" / "video_target4125_step20.mp4"
+    video = out / "eval" / "video_target4074_step20.mp4"
     frames = imageio.mimread(video)
     assert len(frames) == 10 and frames[0].shape == (240, 240, 3)
     assert frames[0].std() > 10  # a rendered scene, not a blank frame
@@ -254,7 +254,7 @@ def test_final_evaluation_reports_last_and_best_on_seeds_no_selection_used(tiny_
     for name, record in final.items():
         protocol = record["protocol"]
         assert protocol["checkpoint"].endswith(f"{name}.ckpt") and protocol["step"] == 20
-        assert protocol["episodes_per_target"] == 2 and protocol["targets"] == [4125.0, 11582.0]
+        assert protocol["episodes_per_target"] == 2 and protocol["targets"] == [4074.0, 11544.0]
         assert protocol["seeds"] == [10000, 10003] and protocol["seeds_role"] == "reporting"
         assert {"dtlab", "gymnasium", "mujoco"} <= set(protocol["versions"]) and protocol["env_id"] == "HalfCheetah-v5"
         seeds = [e["seed"] for e in record["episodes"]]
@@ -266,7 +266,7 @@ def test_final_evaluation_reports_last_and_best_on_seeds_no_selection_used(tiny_
     last = f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"
     as_trained = ("eval.final_episodes=2", "eval.backend=eager")  # smoke's episodes
     report = evaluate(make_cfg(last, *as_trained, config="evaluate"))
-    assert report["protocol"]["targets"] == [4125.0, 11582.0]
+    assert report["protocol"]["targets"] == [4074.0, 11544.0]
     assert report["protocol"]["seeds"] == [10000, 10003] and report["protocol"]["seeds_role"] == "reporting"
     assert report["protocol"]["step"] == 20
     assert [e["return"] for e in report["episodes"]] == [e["return"] for e in final["last"]["episodes"]]
