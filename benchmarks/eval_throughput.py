@@ -207,8 +207,7 @@ def backends(module: DTModule, env: dict, targets: list[float], episodes: int, s
         with variant(backend) as (chosen, workers):
             threads = torch.get_num_threads()
             torch.set_num_threads(1 if workers > 1 else threads)  # as the rollout builds it
-            # the rollout's group sizes (static ONNX graphs, exported once each), and n for the checks below
-            built[backend] = for_rollout(policy, chosen, {n, *(len(g) for g in np.array_split(range(n), workers))})
+            built[backend] = for_rollout(policy, chosen, n)
             torch.set_num_threads(threads)
         build_s[backend] = time.perf_counter() - start
     shares = {b: [] for b in names}  # per repetition: (model, envs) share of the cores' time, in situ

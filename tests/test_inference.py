@@ -46,7 +46,7 @@ def recorded(request):
 def test_backend_actions_equal_eager_on_a_real_rollouts_windows(recorded, backend):
     dt, _, calls = recorded
     policy = Policy.from_module(dt)
-    fast = BackendPolicy(policy, backend, batches=[4])
+    fast = BackendPolicy(policy, backend, batch=4)
     worst = 0.0
     for states, actions, returns_to_go, timesteps, mask in (c[:5] for c in calls):
         full_mask = torch.ones(states.shape[:2], dtype=torch.bool) if mask is None else mask  # padded steps too
@@ -89,38 +89,18 @@ def test_auto_is_the_measured_fastest_and_a_missing_onnxruntime_falls_back(monke
             for _ in range(3):  # as every evaluation of a run asks
                 assert resolve_backend(backend, torch.device("cpu")) == "eager"  # jit measured slower than eager
         assert len(caplog.records) == 1 and "onnxruntime not installed" in caplog.text
-    assert isinstance(for_rollout(Policy.from_module(module()), "eager", [2]), Policy)
-
-
-@pytest.mark.parametrize("policy", ["dt", "mlp_bc"])
-def test_onnxruntime_runs_a_static_graph_per_env_groups_size(policy):
-    """Static shapes let ONNX Runtime fold the graph's shape arithmetic (benchmarks/README.md):
-    a rollout whose 5 envs split into groups of 3 and 2 gets a graph of each batch size, and
-    its episodes are eager's."""
-    import dtlab.inference
-
-    dt = module(policy)
-    policy = Policy.from_module(dt)
-    eager = rollout(policy, ENV, [1000.0], 5, seed=1, progress=False, backend="eager", workers=1)
-    fast = rollout(policy, ENV, [1000.0], 5, seed=1, progress=False, backend="onnxruntime", workers=2)
-    graphs = dtlab.inference._graphs[dt.model]
-    assert sorted(graphs) == [2, 3]
-    for batch, graph in graphs.items():
-        assert all(i.type.tensor_type.shape.dim[0].dim_value == batch for i in graph.graph.input)
-    np.testing.assert_allclose(
-        [e["return"] for e in fast["episodes"]], [e["return"] for e in eager["episodes"]], rtol=1e-6, atol=1e-5
-    )
+    assert isinstance(for_rollout(Policy.from_module(module()), "eager", 2), Policy)
 
 
 @pytest.mark.parametrize("policy", ["dt", "mlp_bc"])
 def test_onnxruntime_rebuilt_after_a_weight_update_runs_the_new_weights(policy):
     """The ONNX graph is exported once per model and gets each evaluation's weights."""
     dt = module(policy)
-    first = BackendPolicy(Policy.from_module(dt), "onnxruntime", batches=[3])
+    first = BackendPolicy(Policy.from_module(dt), "onnxruntime", batch=3)
     with torch.no_grad():
         for p in dt.model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # a training step's worth of change, and more
-    second = BackendPolicy(Policy.from_module(dt), "onnxruntime", batches=[3])
+    second = BackendPolicy(Policy.from_module(dt), "onnxruntime", batch=3)
     g = torch.Generator().manual_seed(0)
     window = {
         "states": torch.randn(3, 8, 17, generator=g),
@@ -141,7 +121,7 @@ def test_a_backend_that_is_not_eagers_function_runs_eager(monkeypatch, caplog):
     dt = module()
     monkeypatch.setattr(dtlab.inference, "_onnx_session", lambda core, example: lambda *x: core(*x) + 1e-4)
     with caplog.at_level(logging.WARNING):
-        assert isinstance(for_rollout(Policy.from_module(dt), "onnxruntime", [2]), Policy)
+        assert isinstance(for_rollout(Policy.from_module(dt), "onnxruntime", 2), Policy)
     assert "(its actions differ from eager's by 1.0e-04 > 1e-5): using eager" in caplog.text
 
 

@@ -160,7 +160,7 @@ def test_the_gaussian_policy_acts_with_its_mean_through_every_backend(tmp_path):
     for backend in ("jit", "onnxruntime"):
         if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
             continue
-        action = BackendPolicy(Policy.from_module(module), backend, [1]).act(window)
+        action = BackendPolicy(Policy.from_module(module), backend, 1).act(window)
         np.testing.assert_allclose(np.asarray(action)[0], mean, atol=1e-5)
     # exploration samples: other actions than the mean, the same ones for the same seed
     sampled = [rollout(Policy.from_module(module), env, [6000.0], 1, record=True, progress=False, sample_seed=7)]

@@ -21,13 +21,11 @@ which every backend still computes, are ~80% of eager's model time, and the envs
 rollout (`bound` in the benchmark); ONNX Runtime ran at 1.06-1.13x eager's env steps/s at one
 thread, jit at 1.01-1.04x. Without onnxruntime, auto is eager, with one log line.
 
-A build costs an ONNX session (0.02-0.04 s) and, the first time for a model and batch size,
-its export (0.15-0.3 s): a rollout's graphs have static shapes (one per env group's size),
-which lets ONNX Runtime fold their shape arithmetic away; they are kept per model and each
-build puts the current weights into them, as they change between evaluations (and online
-rounds). Every build is checked against eager on padded and full windows (1e-5) before a
-rollout uses it; a policy a backend cannot take, or fails that check, runs eager, with one log
-line.
+A build costs an ONNX session (0.02-0.04 s) and, the first time for a model, its export
+(0.15-0.3 s): the graph is kept per model and each build puts the current weights into it, as
+they change between evaluations (and online rounds). Every build is checked against eager on
+a padded and a full window (1e-5) before a rollout uses it; a policy a backend cannot take, or
+fails that check, runs eager, with one log line.
 
 `export_policy` writes one file (ONNX or TorchScript) mapping a K-step window of raw
 observations, actions, raw returns-to-go and timesteps to the next action, state
@@ -44,7 +42,6 @@ import logging
 import sys
 import warnings
 import weakref
-from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -155,25 +152,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 class BackendPolicy:
     """`Policy.act` through a backend: the rollout's interface (`act(window)`, `normalize`,
-    `scale`, `model`, ...), the model call replaced. Built for the batch sizes its calls will
-    have (a rollout's env groups): ONNX Runtime runs one graph of static shapes per batch size."""
+    `scale`, `model`, ...), the model call replaced."""
 
-    def __init__(self, policy: Policy, backend: str, batches: Collection[int]) -> None:
+    def __init__(self, policy: Policy, backend: str, batch: int) -> None:
         if backend not in ("jit", "onnxruntime"):
             raise DTLabError(f"BackendPolicy runs jit or onnxruntime, not {backend!r}: eager is the Policy itself")
         self.policy, self.backend = policy, backend
-        core = _Core(policy.model)
+        core, example = _Core(policy.model), _example(policy, batch)
         training = policy.model.training  # traced in eval mode; the caller's mode is left as it was
         core.eval()
         try:
-            if backend == "jit":  # a traced graph takes any batch size
+            if backend == "jit":
                 with torch.no_grad():
-                    run = torch.jit.freeze(torch.jit.trace(core, _example(policy, max(batches))))
-                self._runs = dict.fromkeys(batches, run)
+                    self._run = torch.jit.freeze(torch.jit.trace(core, example))
             else:
-                self._runs = {b: _onnx_session(core, _example(policy, b)) for b in batches}
-            for b, run in self._runs.items():
-                _check(run, core, policy, b)
+                self._run = _onnx_session(core, example)
+            _check(self._run, core, policy)
         finally:
             policy.model.train(training)
 
@@ -181,47 +175,38 @@ class BackendPolicy:
         return getattr(self.policy, name)
 
     def act(self, window: dict[str, torch.Tensor]) -> torch.Tensor:
-        run = self._runs[window["mask"].shape[0]]
-        return run(*(window[k] for k in ("states", "actions", "returns_to_go", "timesteps", "mask")))
+        return self._run(*(window[k] for k in ("states", "actions", "returns_to_go", "timesteps", "mask")))
 
 
 @torch.no_grad()
-def _check(run, core: nn.Module, policy: Policy, batch: int) -> None:  # noqa: ANN001 - a callable
-    """Refuse a built backend whose actions are not eager's to 1e-5 on random windows of its
-    batch size, once padded (1 to K real steps) and once full: the last guard of the
-    evaluation's numbers (~10 ms a build)."""
+def _check(run, core: nn.Module, policy: Policy) -> None:  # noqa: ANN001 - a callable
+    """Refuse a built backend whose actions are not eager's to 1e-5 on two random windows, one
+    padded and one full: the last guard of the evaluation's numbers (~10 ms a build)."""
     c, device = policy.model.config, policy.state_mean.device
     K, g = c.context_length, torch.Generator().manual_seed(0)
-    j = torch.arange(K, device=device)
-    padded = j[None] >= (K - 1 - torch.arange(batch, device=device) % K)[:, None]  # row 0: one real step
-    for mask in (padded, torch.ones(batch, K, dtype=torch.bool, device=device)):
-        window = (
-            torch.randn(batch, K, c.state_dim, generator=g).to(device),
-            (torch.rand(batch, K, c.act_dim, generator=g) * 2 - 1).to(device),
-            torch.randn(batch, K, generator=g).to(device),
-            j.expand(batch, K),
-            mask,
-        )
-        diff = (run(*window) - core(*window)).abs().max().item()
-        if not diff <= 1e-5:  # NaN fails too
-            raise DTLabError(f"its actions differ from eager's by {diff:.1e} > 1e-5")
+    window = (
+        torch.randn(2, K, c.state_dim, generator=g).to(device),
+        (torch.rand(2, K, c.act_dim, generator=g) * 2 - 1).to(device),
+        torch.randn(2, K, generator=g).to(device),
+        torch.arange(K, device=device).expand(2, K),
+        torch.arange(K, device=device)[None] >= torch.tensor([[K - 1], [0]], device=device),
+    )
+    diff = (run(*window) - core(*window)).abs().max().item()
+    if not diff <= 1e-5:  # NaN fails too
+        raise DTLabError(f"its actions differ from eager's by {diff:.1e} > 1e-5")
 
 
-# model -> {batch size: its ONNX graph}, each exported once: an export takes 0.15-0.3 s, a
-# session 0.02-0.04 s, and every evaluation of a training run (and every online round) has new
-# weights for the same graphs
-_graphs: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+# model -> its ONNX graph, exported once: an export takes 0.15-0.3 s, a session 0.02-0.04 s, and
+# every evaluation of a training run (and every online round) has new weights for the same graph
+_graphs: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()
 
 
 def _onnx_graph(core: _Core, example: tuple[torch.Tensor, ...]) -> bytes:
-    """The serialized ONNX graph of `core` with its current weights, for the example's batch
-    size: static shapes let ONNX Runtime fold the graph's shape arithmetic away (208 nodes a
-    call with a dynamic batch, 135 static; 1.6 against 2.1 ms a call at batch 10, K=5)."""
+    """The serialized ONNX graph of `core` with its current weights."""
     from onnx import numpy_helper
 
-    batch = example[0].shape[0]
-    graphs = _graphs.setdefault(core.model, {})
-    if batch not in graphs:
+    graph = _graphs.get(core.model)
+    if graph is None:
         import onnx
 
         # Exported unfolded, every initializer is a parameter or buffer under its own name, so
@@ -233,9 +218,8 @@ def _onnx_graph(core: _Core, example: tuple[torch.Tensor, ...]) -> bytes:
             for p in probe.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
         buffer = io.BytesIO()
-        _export_onnx(probe, example, buffer, fold_constants=False, dynamic_batch=False)
-        graphs[batch] = onnx.load_from_string(buffer.getvalue())
-    graph = graphs[batch]
+        _export_onnx(probe, example, buffer, fold_constants=False)
+        graph = _graphs[core.model] = onnx.load_from_string(buffer.getvalue())
     tensors = dict(core.named_parameters()) | dict(core.named_buffers())
     for init in graph.graph.initializer:
         if init.name in tensors:  # anything else is a constant of the graph, not a weight
@@ -265,13 +249,9 @@ def _onnx_session(core: _Core, example: tuple[torch.Tensor, ...]):  # noqa: ANN2
 
 
 def _export_onnx(
-    module: nn.Module,
-    example: tuple[torch.Tensor, ...],
-    f: io.BytesIO | str | Path,
-    fold_constants: bool = True,
-    dynamic_batch: bool = True,
+    module: nn.Module, example: tuple[torch.Tensor, ...], f: io.BytesIO | str | Path, fold_constants: bool = True
 ) -> None:
-    axes = {name: {0: "batch"} for name in (*INPUTS, "action")} if dynamic_batch else None
+    axes = {name: {0: "batch"} for name in (*INPUTS, "action")}
     # The TorchScript-based exporter (dynamo=False: the torch.export one needs onnxscript and
     # gave no faster graph) warns that it is legacy and about constant folding it skips.
     with torch.no_grad(), warnings.catch_warnings():
@@ -289,14 +269,13 @@ def _export_onnx(
         )
 
 
-def for_rollout(policy: Policy, backend: str, batches: Collection[int]) -> Policy | BackendPolicy:
-    """The policy a rollout should call, its model calls of these batch sizes (one per env
-    group): built once, for these weights."""
+def for_rollout(policy: Policy, backend: str, batch: int) -> Policy | BackendPolicy:
+    """The policy a rollout of `batch` envs should call: built once, for these weights."""
     chosen = resolve_backend(backend, policy.state_mean.device)
     if chosen == "eager":
         return policy
     try:
-        return BackendPolicy(policy, chosen, batches)
+        return BackendPolicy(policy, chosen, batch)
     except Exception as e:  # noqa: BLE001 - any policy a backend cannot take runs eager
         log.warning("eval.backend=%s cannot run %s (%s): using eager", chosen, type(policy.model).__name__, e)
         return policy

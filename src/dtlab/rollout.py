@@ -162,9 +162,9 @@ def rollout(
     groups = np.array_split(np.arange(n), workers)  # contiguous groups of envs
     model.eval()
     try:
-        # one build (at the workers' one thread) for the groups' sizes, inherited by the forked
-        # workers; exploration calls the head's distribution, which the backends' graphs do not export
-        policy = for_rollout(policy, backend if generator is None else "eager", {len(g) for g in groups})
+        # one build (at the workers' one thread), inherited by the forked workers; exploration
+        # calls the head's distribution, which the backends' graphs do not export
+        policy = for_rollout(policy, backend if generator is None else "eager", max(len(g) for g in groups))
 
         # The progress bar is drawn by this process only, from the steps of the first group (its
         # progress stands for all): a forked worker writes nowhere a logger's thread may hold.
