@@ -2,7 +2,7 @@
 
     python src/dtlab/assets/make_sample.py --data-dir ../shared/data
 
-Takes the first MEDIUM episodes of halfcheetah-medium-v5 and the first EXPERT of
+Takes the first MEDIUM (12) episodes of halfcheetah-medium-v5 and the first EXPERT (38) of
 halfcheetah-expert-v5 (HalfCheetah-v5, gymnasium 1.4, mujoco 4.0, rolled out from RL Zoo agents:
 ARS with action noise 0.1 for medium, TQC for expert; see README.md), in the schema of the hub
 dataset edbeeching/decision_transformer_gym_replay, and writes them as one Parquet file.
