@@ -188,7 +188,21 @@ CASES = {
         "train",
         ["target_return=sweep", "eval.seed=10010"],
         2,
-        "eval.seed=10010 gives in-training env seeds 10010-10013, which overlap the final evaluation's 10000-10019",
+        "eval.seed=10010 gives in-training env seeds 10010-10013, which overlap the reporting seeds 10000-10019 "
+        "(eval.report_seed=10000)",
+    ),
+    "development_seeds_overlap_reporting": (
+        "train",
+        ["eval.dev_seed=10002"],
+        2,
+        "eval.report_seed=10000 gives reporting env seeds 10000-10003, which overlap the development seeds "
+        "10002-10005 (eval.dev_seed=10002): keep the ranges apart",
+    ),
+    "development_seeds_overlap_selection": (
+        "train",
+        ["eval.dev_seed=3"],
+        2,
+        "eval.seed=0 gives in-training env seeds 0-3, which overlap the development seeds 3-6 (eval.dev_seed=3)",
     ),
     # algo=odt: its keys are in the schema too
     "odt_without_the_gaussian_head": (

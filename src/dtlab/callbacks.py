@@ -19,7 +19,7 @@ from dtlab.checkpoint import checkpoint_facts, evaluation_due
 from dtlab.data import EXPLORATION, stream_seed
 from dtlab.policy import Policy
 from dtlab.replay import ReplayBuffer, rollout_trajectories
-from dtlab.rollout import check_seed_ranges, evaluation_record, protocol, resolve_targets, rollout
+from dtlab.rollout import check_seed_ranges, evaluation_record, final_seeds, protocol, resolve_targets, rollout
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ class EvaluationCallback(L.Callback):
     media (W&B: image, `wandb.Video`, `wandb.Table`).
 
     The final evaluation, when fit ends, on the *reporting* seeds (`report_seed` on, never
-    used to select anything): `last.ckpt` and `best.ckpt` from `checkpoints_dir` (and
-    `pretrained.ckpt`, the end of an online run's offline pretraining, where there is one),
+    used to select anything; the *development* seeds, `dev_seed` on, when it is set):
+    `last.ckpt` and `best.ckpt` from `checkpoints_dir` (and `pretrained.ckpt`, the end of an
+    online run's offline pretraining, where there is one),
     each read back from its file, `final_episodes` per target, written to
     `output_dir/final_evaluation.json` with their protocol and logged as
     `final/{last,best,pretrained}/<target>/...`. `final_episodes=0` skips it."""
@@ -97,6 +98,7 @@ class EvaluationCallback(L.Callback):
         video_frames: int = 200,
         final_episodes: int = 10,
         report_seed: int = 10_000,
+        dev_seed: int | None = None,
         checkpoints_dir: str | None = None,
         backend: str = "eager",
         workers: int | str = 1,
@@ -105,6 +107,7 @@ class EvaluationCallback(L.Callback):
         self.run_dir = Path(output_dir)
         self.output_dir = self.run_dir / "eval"
         self.final_episodes, self.report_seed, self.backend = final_episodes, report_seed, backend
+        self.dev_seed = dev_seed
         self.workers = workers
         self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir else self.run_dir / "checkpoints"
         self.final: dict | None = None  # the final evaluation's report (on rank 0)
@@ -122,7 +125,9 @@ class EvaluationCallback(L.Callback):
         # Bad target returns fail now, not at the first evaluation hours into the run.
         returns = getattr(trainer.datamodule, "episode_returns", None)
         targets, final = (resolve_targets(self.target_return, returns, final=f) for f in (False, True))
-        check_seed_ranges(len(targets), self.seed, self.episodes, len(final), self.report_seed, self.final_episodes)
+        check_seed_ranges(
+            len(targets), self.seed, self.episodes, len(final), self.report_seed, self.final_episodes, self.dev_seed
+        )
         self.selection_seeds = [self.seed, self.seed + len(targets) * self.episodes - 1]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -182,6 +187,7 @@ class EvaluationCallback(L.Callback):
         """last.ckpt and best.ckpt, each read back from its file, on the reporting seeds."""
         dataset_returns = getattr(trainer.datamodule, "episode_returns", None)
         targets = resolve_targets(self.target_return, dataset_returns, final=True)
+        seed, role = final_seeds(self.report_seed, self.dev_seed)
         report = {"kind": "final_evaluation", "checkpoints": {}}
         metrics = {}
         pretrained = ["pretrained"] if (self.checkpoints_dir / "pretrained.ckpt").is_file() else []
@@ -197,7 +203,7 @@ class EvaluationCallback(L.Callback):
                 self.env,
                 targets,
                 self.final_episodes,
-                seed=self.report_seed,
+                seed=seed,
                 vector_mode=self.vector_mode,
                 progress=trainer.progress_bar_callback is not None,
                 backend=self.backend,
@@ -208,10 +214,10 @@ class EvaluationCallback(L.Callback):
                 targets,
                 self.target_return,
                 self.final_episodes,
-                self.report_seed,
+                seed,
                 str(path),
                 step,
-                "reporting",
+                role,
             )
             report["checkpoints"][name] = evaluation_record(record, result)
             for s in result["summary"]:
@@ -219,9 +225,10 @@ class EvaluationCallback(L.Callback):
                     metrics[f"final/{name}/{s['target']:g}/{key}"] = s[key]
             metrics[f"final/{name}/step"] = step
             log.info(
-                "final evaluation of %s.ckpt (step %d, reporting seeds %d-%d, %d episodes per target): %s",
+                "final evaluation of %s.ckpt (step %d, %s seeds %d-%d, %d episodes per target): %s",
                 name,
                 step,
+                role,
                 *record["seeds"],
                 self.final_episodes,
                 ", ".join(

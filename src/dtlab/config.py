@@ -50,7 +50,8 @@ class Model(_Group):  # dtlab.module.DTModule
     activation: Literal["relu", "gelu", "gelu_tanh"] = "gelu"
     action_tanh: bool = True
     timestep_embedding: bool = True  # the paper's; false: none (conf/model/cpu.yaml says why)
-    return_init: Literal["gpt2", "torch"] = "gpt2"  # dtlab.model.DTConfig
+    init: Literal["reference", "gpt2"] = "gpt2"  # dtlab.model.DTConfig; model=small: reference
+    return_init: Literal["gpt2", "torch"] = "gpt2"  # before `init`: torch = gpt2 but the return embedding
     learning_rate: Annotated[float, Field(gt=0.0)]
     weight_decay: Annotated[float, Field(ge=0.0)]
     betas: tuple[Fraction, Fraction]
@@ -95,6 +96,7 @@ class Eval(_Group):  # dtlab.callbacks.EvaluationCallback, dtlab.evaluate
     every_n_steps: NonNegative  # 0: only at the last step
     final_episodes: NonNegative  # 0: no final evaluation
     report_seed: NonNegative
+    dev_seed: NonNegative | None = None  # development seeds: the final evaluation of a run that chooses
     vector_mode: Literal["sync", "async"]
     backend: Literal["auto", "eager", "jit", "onnxruntime"] = "auto"  # dtlab.inference
     workers: Positive | Literal["auto"] = "auto"  # dtlab.rollout: groups of envs stepped in processes

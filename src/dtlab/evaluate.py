@@ -4,7 +4,8 @@ transformers DecisionTransformerModel folder: `python -m dtlab.evaluate hf_model
 Prints a table, and writes `evaluation.json` (its protocol record: env, seeds, episodes,
 targets, checkpoint and step, versions; every episode; a summary per target) and the
 return-conditioning plot into the run dir. By default on the reporting seeds
-(`eval.report_seed`), which no in-training evaluation uses.
+(`eval.report_seed`), which no in-training evaluation uses; with `eval.dev_seed=20000` on the
+development seeds, for benchmarks and recipe studies (recorded as such, never a result).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from dtlab.policy import Policy
 from dtlab.rollout import (
     asks_for_targets,
     check_env,
+    check_seed_ranges,
     evaluation_record,
+    final_seeds,
     format_summary,
     protocol,
     resolve_targets,
@@ -127,14 +130,17 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     step, selection = checkpoint_facts(cfg.ckpt_path) if cfg.ckpt_path is not None else (None, None)
     n = len(targets) * cfg.eval.episodes
-    role = "reporting"
-    if selection and cfg.eval.seed <= selection[1] and selection[0] <= cfg.eval.seed + n - 1:
+    seed, role = cfg.eval.seed, "reporting"
+    if cfg.eval.get("dev_seed") is not None:  # a benchmark's or a recipe study's evaluation
+        check_seed_ranges(0, 0, 0, len(targets), cfg.eval.report_seed, cfg.eval.episodes, cfg.eval.dev_seed)
+        seed, role = final_seeds(cfg.eval.report_seed, cfg.eval.dev_seed)
+    if selection and seed <= selection[1] and selection[0] <= seed + n - 1:
         role = "overlaps selection"
         log.warning(
             "env seeds %d-%d overlap the seeds %d-%d that picked this run's best.ckpt during training: scores on "
             "them are not free of selection (drop eval.seed to use the reporting seeds)",
-            cfg.eval.seed,
-            cfg.eval.seed + n - 1,
+            seed,
+            seed + n - 1,
             *selection,
         )
     result = rollout(
@@ -142,14 +148,14 @@ def evaluate(cfg: DictConfig) -> dict:
         cfg.env,
         targets,
         cfg.eval.episodes,
-        seed=cfg.eval.seed,
+        seed=seed,
         vector_mode=cfg.eval.vector_mode,
         video_frames=cfg.eval.video_frames if cfg.eval.video else 0,
         backend=cfg.eval.backend,
         workers=cfg.eval.workers,
     )
     record = protocol(
-        cfg.env, targets, cfg.target_return, cfg.eval.episodes, cfg.eval.seed, str(Path(source).resolve()), step, role
+        cfg.env, targets, cfg.target_return, cfg.eval.episodes, seed, str(Path(source).resolve()), step, role
     )
     report = {source_key: str(Path(source).resolve()), "env_id": cfg.env.id, **evaluation_record(record, result)}
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))

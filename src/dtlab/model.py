@@ -50,14 +50,24 @@ class DTConfig:
     # False: none. On a few dozen episodes the table lets the model fit each training episode's
     # actions by their time instead of by their states (benchmarks/README.md#return-conditioning).
     timestep_embedding: bool = True
-    # The return embedding's initialisation: "gpt2" (weight N(0, 0.02), bias 0, as every layer
-    # here) or "torch" (PyTorch's default, U(-1, 1) for one input: the reference code's). The
-    # return token is LayerNorm(w R + b + time embedding); with b = 0 and no timestep embedding
-    # that is the same vector for every R > 0, so the model would start blind to its return.
+    # The initialisation. "reference": the DT reference code's (kzl/decision-transformer): its
+    # GPT-2 blocks at GPT-2's rule (weights N(0, 0.02), biases 0, LayerNorms 1 and 0, no scaling
+    # of the residual projections), while the embeddings and the action head, created outside
+    # its GPT2Model, keep PyTorch's defaults (nn.Embedding N(0, 1); nn.Linear weights and biases
+    # U(-1/sqrt(fan_in), 1/sqrt(fan_in))). "gpt2": transformers' DecisionTransformerModel's,
+    # every layer at GPT-2's rule and the residual projections at 0.02 / sqrt(2 n_layer). With
+    # "gpt2" the return token LayerNorm(w R + b + e_t) starts nearly the same vector for every
+    # R > 0 (b = 0, w and e_t small), so the model starts blind to its return
+    # (benchmarks/README.md#return-conditioning).
+    init: str = "gpt2"
+    # Before `init` existed: "torch" put the return embedding alone at PyTorch's default on top
+    # of "gpt2" (the first run's recipe then). Kept so that such checkpoints and configs load
+    # and build unchanged; with init="reference" it changes nothing.
     return_init: str = "gpt2"
 
 
 ACTION_HEADS = ("deterministic", "gaussian")
+INITS = ("reference", "gpt2")
 RETURN_INITS = ("gpt2", "torch")
 # log std of the gaussian head, squashed into this range (the ODT reference code's, from
 # pytorch_sac): std from e^-5 = 0.007 (near-deterministic) to e^2 = 7.4 (near-uniform after tanh)
@@ -179,6 +189,17 @@ class DecisionTransformer(nn.Module):
         self.predict_action = nn.Linear(C, config.act_dim)  # the action; the gaussian's mu
         if config.action_head == "gaussian":
             self.predict_log_std = nn.Linear(C, config.act_dim)
+        if config.init not in INITS:
+            raise ValueError(f"init={config.init!r} is unknown: use one of {INITS}")
+        self._init(config)
+
+    def _init(self, config: DTConfig) -> None:
+        """Initialise the parameters by `config.init` (see DTConfig): GPT-2's rule on every layer
+        ("gpt2"), or on the transformer blocks only ("reference")."""
+        if config.init == "reference":
+            # the embeddings, embed_ln and heads were just built with PyTorch's defaults
+            self.h.apply(self._init_weights)
+            return
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so depth keeps the variance
         for name, p in self.named_parameters():

@@ -46,6 +46,7 @@ class DTModule(L.LightningModule):
         activation: str = "gelu",
         action_tanh: bool = True,
         timestep_embedding: bool = True,
+        init: str = "gpt2",
         return_init: str = "gpt2",
         learning_rate: float = 1e-4,
         weight_decay: float = 1e-4,
@@ -67,8 +68,9 @@ class DTModule(L.LightningModule):
         paper's "relu".
         lr_schedule: "constant" (linear warmup, then constant, as the paper) or "cosine"
         (linear warmup, then cosine decay to 0 at trainer.max_steps).
-        timestep_embedding, return_init: dtlab.model.DTConfig's; the paper's model is the
-        default (a timestep table; every layer at GPT-2's initialisation).
+        timestep_embedding, init, return_init: dtlab.model.DTConfig's. The defaults are those of
+        every checkpoint written before these keys (a timestep table; every layer at GPT-2's
+        initialisation); conf/model/small.yaml, the paper's model, sets init="reference".
         seed: the run's seed; the dropout masks of a training step are drawn from it.
         policy: the network, "dt" (DecisionTransformer) or "mlp_bc" (MLPBC, behaviour cloning:
         n_layer, n_embd, dropout and K size its MLP); both are trained the same way, by MSE on
@@ -100,6 +102,7 @@ class DTModule(L.LightningModule):
             action_tanh=action_tanh,
             action_head=action_head,
             timestep_embedding=timestep_embedding,
+            init=init,
             return_init=return_init,
         )
         if policy not in POLICIES:

@@ -364,20 +364,48 @@ def summarize(target: float, returns: np.ndarray, lengths: np.ndarray, env: Mapp
     }
 
 
+# Where recipe studies and benchmark scripts start their env seeds (eval.dev_seed=20000): far from
+# the selection seeds (eval.seed, 0 on) and the reporting ones (eval.report_seed, 10000 on).
+DEV_SEED = 20_000
+
+
 def check_seed_ranges(
-    train_targets: int, seed: int, episodes: int, final_targets: int, report_seed: int, final_episodes: int
+    train_targets: int,
+    seed: int,
+    episodes: int,
+    final_targets: int,
+    report_seed: int,
+    final_episodes: int,
+    dev_seed: int | None = None,
 ) -> None:
-    """The in-training (selection) and final (reporting) evaluations must not share an env
-    seed, or a reported score would be measured on episodes that picked its checkpoint. The
-    final evaluation may have more targets (target_return=sweep)."""
-    selection = range(seed, seed + train_targets * episodes)
-    reporting = range(report_seed, report_seed + final_targets * final_episodes)
-    if final_episodes and selection.start < reporting.stop and reporting.start < selection.stop:
-        raise DTLabError(
-            f"eval.seed={seed} gives in-training env seeds {selection.start}-{selection.stop - 1}, which overlap the "
-            f"final evaluation's {reporting.start}-{reporting.stop - 1} (eval.report_seed={report_seed}): keep the "
-            "ranges apart"
-        )
+    """The three seed ranges never share an env seed: selection (the in-training evaluations,
+    which pick best.ckpt), reporting (the final evaluation's numbers) and, when `dev_seed` is
+    set, development (the final evaluation of a run that chooses something: a recipe study, a
+    benchmark). A number measured on episodes that chose something is no result. The final
+    evaluation may have more targets (target_return=sweep)."""
+    n_final = final_targets * final_episodes
+    ranges = {
+        "eval.seed": ("in-training", range(seed, seed + train_targets * episodes)),
+        "eval.report_seed": ("reporting", range(report_seed, report_seed + n_final)),
+    }
+    if dev_seed is not None:
+        ranges["eval.dev_seed"] = ("development", range(dev_seed, dev_seed + n_final))
+    keys = list(ranges)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            (name_a, ra), (name_b, rb) = ranges[a], ranges[b]
+            if ra and rb and ra.start < rb.stop and rb.start < ra.stop:
+                raise DTLabError(
+                    f"{a}={ra.start} gives {name_a} env seeds {ra.start}-{ra.stop - 1}, which overlap the {name_b} "
+                    f"seeds {rb.start}-{rb.stop - 1} ({b}={rb.start}): keep the ranges apart (eval.dev_seed={DEV_SEED} "
+                    "is the development range's usual start)"
+                )
+
+
+def final_seeds(report_seed: int, dev_seed: int | None) -> tuple[int, str]:
+    """The final evaluation's first env seed and the role recorded with it: the reporting
+    seeds, or the development ones when a run that chooses something sets eval.dev_seed."""
+    return (report_seed, "reporting") if dev_seed is None else (dev_seed, "development")
 
 
 def check_exploration_seeds(explore: range, selection: range, reporting: range) -> None:
@@ -403,8 +431,9 @@ def protocol(
 ) -> dict:
     """What a score was measured under, stored beside it: env and library versions, the env
     seeds, episodes per target, the targets and the rule that chose them, the checkpoint and
-    its training step. `seeds_role`: "reporting" (never used to pick anything) or "selection"
-    (the in-training seeds that pick best.ckpt and feed sweepers)."""
+    its training step. `seeds_role`: "reporting" (never used to pick anything), "selection"
+    (the in-training seeds that pick best.ckpt and feed sweepers) or "development" (a run that
+    chose a recipe or a budget: never a result)."""
     n = len(targets) * episodes
     return {
         "env_id": env["id"],

@@ -43,7 +43,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     targets = resolve_targets(cfg.target_return, episodes.returns)
     final_targets = resolve_targets(cfg.target_return, episodes.returns, final=True)
     e = cfg.eval
-    check_seed_ranges(len(targets), e.seed, e.episodes, len(final_targets), e.report_seed, e.final_episodes)
+    check_seed_ranges(
+        len(targets), e.seed, e.episodes, len(final_targets), e.report_seed, e.final_episodes, e.get("dev_seed")
+    )
     if cfg.get("online") is not None:
         o = cfg.online
         check_exploration_seeds(
