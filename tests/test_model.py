@@ -118,3 +118,71 @@ def test_return_init_decides_whether_a_model_without_timesteps_starts_blind_to_i
 def test_an_unknown_return_init_is_refused():
     with pytest.raises(ValueError, match="return_init='xavier' is unknown"):
         dt(return_init="xavier")
+
+
+def _uniform_in_fan_in_bound(p: torch.Tensor, fan_in: int) -> bool:
+    # PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std bound / sqrt(3)
+    bound = fan_in**-0.5
+    return p.abs().max() <= bound and abs(p.std().item() - bound / 3**0.5) < 0.25 * bound
+
+
+@pytest.mark.parametrize("head", ["deterministic", "gaussian"])
+def test_reference_init_follows_the_reference_code_layer_by_layer(head):
+    # kzl/decision-transformer: GPT2Model.init_weights() reaches only the transformer's own
+    # modules (N(0, 0.02), biases 0, LayerNorm 1/0, no residual scaling in its GPT-2 copy); the
+    # embeddings and heads are made outside it and keep PyTorch's defaults
+    sizes = {"max_ep_len": 1000, "context_length": K, "n_layer": 3, "n_head": 1, "n_embd": 128}
+    model = DecisionTransformer(DTConfig(state_dim=17, act_dim=6, init="reference", action_head=head, **sizes))
+    assert abs(model.embed_timestep.weight.std().item() - 1.0) < 0.02  # nn.Embedding: N(0, 1)
+    assert abs(model.embed_timestep.weight.mean().item()) < 0.02
+    heads = {"embed_return": 1, "embed_state": 17, "embed_action": 6, "predict_action": 128}
+    if head == "gaussian":
+        heads["predict_log_std"] = 128
+    for name, fan_in in heads.items():
+        layer = getattr(model, name)
+        assert _uniform_in_fan_in_bound(layer.weight, fan_in), name
+        assert layer.bias.abs().max() <= fan_in**-0.5 and layer.bias.abs().min() > 0, name  # not zeroed
+    for name, p in model.h.named_parameters():
+        if "ln_" in name:
+            assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name
+        elif name.endswith("bias"):
+            assert torch.all(p == 0), name
+        else:  # c_attn, c_fc and both c_proj alike: the reference's GPT-2 does not scale c_proj
+            assert abs(p.std().item() - 0.02) < 0.002, (name, p.std().item())
+    for ln in (model.embed_ln, model.ln_f):
+        assert torch.all(ln.weight == 1) and torch.all(ln.bias == 0)
+
+
+def test_gpt2_init_is_transformers_rule_on_every_layer():
+    model = dt(init="gpt2", n_layer=3, n_embd=128, max_ep_len=1000)
+    for name, p in model.named_parameters():
+        if "ln" in name:
+            continue
+        if name.endswith("bias"):
+            assert torch.all(p == 0), name
+        elif name.endswith("c_proj.weight"):
+            assert abs(p.std().item() - 0.02 / 6**0.5) < 0.001, name
+        elif p.numel() > 1000:  # embed_return's 128 weights: too few for a close std
+            assert abs(p.std().item() - 0.02) < 0.002, (name, p.std().item())
+
+
+@pytest.mark.parametrize("timesteps", [True, False])
+def test_reference_init_reads_the_return_more_from_the_start(timesteps):
+    # what the init is for: with GPT-2's rule the return token LayerNorm(w R + b + e_t) is nearly
+    # one vector for every R > 0 (exactly one without a table: b = 0); with the reference's the
+    # untrained model's actions move with R several times more (3-7x with the table, seeds 0-4)
+    x = inputs()
+    x["returns_to_go"] = x["returns_to_go"].abs() + 0.1
+    higher = {**x, "returns_to_go": x["returns_to_go"] * 3}
+    moved = {}
+    for init in ("gpt2", "reference"):
+        model = dt(init=init, n_layer=3, n_head=1, n_embd=128, timestep_embedding=timesteps)
+        moved[init] = (model(**x) - model(**higher)).abs().max().item()
+    assert moved["reference"] > 1e-3 and moved["reference"] > 2 * moved["gpt2"], moved
+    if not timesteps:
+        assert moved["gpt2"] < 1e-4, moved
+
+
+def test_an_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="init='xavier' is unknown"):
+        dt(init="xavier")

@@ -91,3 +91,24 @@ def test_the_model_options_reach_the_network():
     assert bare.model.embed_timestep is None and bare.model.config.return_init == "torch"
     with pytest.raises(DTLabError, match="return_init='xavier' is unknown"):
         module(return_init="xavier")
+
+
+def test_bc_trains_only_where_its_k_state_input_is_the_episodes_own():
+    # one episode of 20 steps, K=6: windows from its first step, from mid-episode, and one cut
+    # at its end (left-padded by the window builder, its earlier states cut off)
+    rng = np.random.default_rng(0)
+    dataset = episodes_to_dataset(
+        rng.normal(size=(20, 3)), rng.uniform(-1, 1, (20, 2)), rng.normal(size=20), np.zeros(20, bool), np.array([20])
+    )
+    sampler = WindowSampler(episodes_from_dataset(dataset), 6, 0.001, np.zeros(3), np.ones(3), max_ep_len=100)
+    batch = sampler.windows(torch.zeros(3, dtype=torch.long), torch.tensor([0, 5, 17]))
+    bc, dt = module("mlp_bc"), module("dt")
+    trained = bc.model.trained_positions(batch["timesteps"], batch["mask"])
+    assert trained[0].all()  # from step 0: zeros before it are what the rollout feeds at step 0
+    assert trained[1].tolist() == [False] * 5 + [True]  # mid-episode: only the last has 6 real states
+    assert not trained[2].any()  # cut at the end: steps 17-19 would read zeros for steps 12-16
+    assert torch.equal(dt.model.trained_positions(batch["timesteps"], batch["mask"]), batch["mask"])  # the DT: all
+    # the loss reads the trained positions only: any target elsewhere leaves it where it was
+    wild = {**batch, "actions": batch["actions"].masked_fill(~trained[..., None], 50.0)}
+    assert torch.equal(bc._action_mse(wild), bc._action_mse(batch))
+    assert not torch.equal(dt._action_mse(wild), dt._action_mse(batch))

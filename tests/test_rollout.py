@@ -273,3 +273,8 @@ def test_final_evaluation_reports_last_and_best_on_seeds_no_selection_used(tiny_
     # asked for the selection seeds, it says so in the record
     overlapping = evaluate(make_cfg(f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "eval.seed=0", config="evaluate"))
     assert overlapping["protocol"]["seeds_role"] == "overlaps selection"
+    # a benchmark's or a recipe study's evaluation: the development seeds, said in the record
+    development = evaluate(make_cfg(last, *as_trained, "eval.dev_seed=20000", config="evaluate"))
+    assert development["protocol"]["seeds"] == [20000, 20003]
+    assert development["protocol"]["seeds_role"] == "development"
+    assert {e["seed"] for e in development["episodes"]} == set(range(20000, 20004))

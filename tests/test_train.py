@@ -116,7 +116,11 @@ def test_tiny_fit_through_compose_api(make_cfg, tmp_path):
 
 
 def test_best_checkpoint_with_only_the_last_evaluation(make_cfg, tmp_path):
-    train(make_cfg("debug=smoke", "eval.every_n_steps=0", "logger=none"))
+    # ... and with development seeds, as a recipe study runs: its final evaluation says so
+    train(make_cfg("debug=smoke", "eval.every_n_steps=0", "logger=none", "eval.dev_seed=20000"))
+    final = json.loads((tmp_path / "final_evaluation.json").read_text())["checkpoints"]
+    for record in final.values():
+        assert record["protocol"]["seeds"] == [20000, 20003] and record["protocol"]["seeds_role"] == "development"
     best = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert best["global_step"] == 20
 
@@ -130,6 +134,8 @@ def test_small_is_the_papers_model_and_old_checkpoints_act_as_before(make_cfg):
         128,
         20,
     )
+    assert model.init == "reference"  # the reference code's, not transformers' (dtlab.model.DTConfig)
+    assert make_cfg("experiment=hopper-mixed").model.init == "reference"  # the presets' model
     fixture = Path(__file__).parent / "fixtures"
     path = fixture / "dtlab-0.1.0-smoke.ckpt"
     assert "activation" not in torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
@@ -145,8 +151,8 @@ def test_small_is_the_papers_model_and_old_checkpoints_act_as_before(make_cfg):
 
 def test_the_default_recipe_is_dropped_whole_by_choosing_another_model(make_cfg):
     default = make_cfg()
-    recipe = (default.model.timestep_embedding, default.model.return_init, default.model.dropout)
-    assert recipe == (False, "torch", 0.0) and default.data.reward_scale == 0.0001  # conf/model/cpu.yaml
+    recipe = (default.model.timestep_embedding, default.model.init, default.model.return_init, default.model.dropout)
+    assert recipe == (False, "gpt2", "torch", 0.0) and default.data.reward_scale == 0.0001  # conf/model/cpu.yaml
     assert make_cfg("model.dropout=0.2").data.reward_scale == 0.0001  # a key override keeps the rest
     for other in ("small", "tiny"):
         cfg = make_cfg(f"model={other}")

@@ -306,6 +306,11 @@ class DecisionTransformer(nn.Module):
         out = self.predict_action(h)
         return torch.tanh(out) if self.config.action_tanh else out
 
+    def trained_positions(self, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, K) bool: the window positions the loss reads. Every real step: the DT paper
+        trains each position on the history the window holds, as it acts early in an episode."""
+        return mask
+
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         return parameter_groups(self, weight_decay)
 
@@ -317,9 +322,10 @@ class MLPBC(nn.Module):
     so its return-conditioning curve is flat by construction.
 
     Called like DecisionTransformer. For (B, K, act_dim) outputs, the action at window
-    position k is predicted from states k-K+1 .. k of the window, zeros before its start (so
-    a training window teaches every position, as the DT's does); at acting time
-    (last_only) that is exactly the last K states."""
+    position k is predicted from states k-K+1 .. k of the window, zeros before its start; at
+    acting time (last_only) that is exactly the last K states, zeros only before the
+    episode's first step. So training reads only the positions whose input is the same kind
+    (`trained_positions`): the reference code trains the last position alone."""
 
     def __init__(self, config: DTConfig) -> None:
         super().__init__()
@@ -358,6 +364,17 @@ class MLPBC(nn.Module):
 
     def _head(self, out: torch.Tensor) -> torch.Tensor:
         return torch.tanh(out) if self.config.action_tanh else out
+
+    def trained_positions(self, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the real positions whose K-state input is the episode's own: K states
+        inside the window, or a window from the episode's first step, where the zeros before
+        it stand for what the rollout feeds early in an episode. Elsewhere the zeros would
+        stand in for real states the window cut off, an input the policy never meets when it
+        acts (with K=5, four of five positions of a window that starts mid-episode)."""
+        K = self.config.context_length
+        real_so_far = mask.cumsum(dim=1)  # (B, T): real steps up to and including each position
+        first = torch.where(mask, timesteps, torch.iinfo(timesteps.dtype).max).amin(dim=1)  # (B,) first real step
+        return mask & ((real_so_far >= K) | (first == 0)[:, None])
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         return parameter_groups(self, weight_decay)

@@ -140,9 +140,10 @@ class DTModule(L.LightningModule):
         self.target_return = extra.get("target_return")  # None in checkpoints written before 2026-12-02
 
     def _action_mse(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """MSE between predicted and dataset actions, over real (unpadded) steps only."""
+        """MSE between predicted and dataset actions, over the steps the policy trains on: real
+        (unpadded) ones, and for MLPBC those whose K-state input is real (its trained_positions)."""
         pred = self.model(batch["states"], batch["actions"], batch["returns_to_go"], batch["timesteps"], batch["mask"])
-        mask = batch["mask"]
+        mask = self.model.trained_positions(batch["timesteps"], batch["mask"])
         err = ((pred - batch["actions"]) ** 2).mean(dim=-1)  # (B, K)
         return (err * mask).sum() / mask.sum()
 
