@@ -157,6 +157,16 @@ def test_the_default_recipe_is_dropped_whole_by_choosing_another_model(make_cfg)
     for other in ("small", "tiny"):
         cfg = make_cfg(f"model={other}")
         assert cfg.model.get("timestep_embedding", True) and cfg.data.reward_scale == 0.001  # the paper's
+    # the recipe follows the data: it is the sample's, and any other data gets the paper's model
+    for data in (
+        ("dataset=local", "dataset.path=x.parquet"),
+        ("dataset=hub/hopper-medium",),
+        ("experiment=hopper-mixed",),
+    ):
+        cfg = make_cfg(*data)
+        assert (cfg.model.init, cfg.model.dropout, cfg.data.reward_scale) == ("reference", 0.1, 0.001), data
+        assert cfg.model.get("timestep_embedding", True), data
+    assert make_cfg("model=cpu", "dataset=local", "dataset.path=x.parquet").data.reward_scale == 0.0001  # if asked
 
 
 def test_evaluate_falls_back_to_paper_targets_for_a_checkpoint_that_does_not_record_its_own(make_cfg, caplog):
