@@ -4,7 +4,8 @@ Each variant is a set of overrides on the dataset presets (experiment=<dataset>,
 of conf/experiment/cpu-budget.yaml). A variant's runs train with seeds 100 on (never the
 reporting runs' 0-2) and take their final evaluation on the development env seeds
 (eval.dev_seed=20000), at the paper's targets and 8 more across the data's returns
-(target_return=sweep), so that nothing chosen here is measured on reporting episodes.
+(target_return=sweep; the baselines, flat by construction, at the paper's two), so that nothing
+chosen here is measured on reporting episodes.
 
     python benchmarks/recipe_study.py run --variants reference notime-nodrop \\
         --datasets hopper-mixed walker2d-mixed --data-dir ../shared/data
@@ -46,9 +47,12 @@ VARIANTS: dict[str, list[str]] = {
     "nodrop-K20": ["model.dropout=0.0", "model.context_length=20"],
     "notime-nodrop-lr1e-3": ["model.timestep_embedding=false", "model.dropout=0.0", "model.learning_rate=1.0e-3"],
     "notime-nodrop-b128": ["model.timestep_embedding=false", "model.dropout=0.0", "data.batch_size=128"],
+    # the baselines, for BC's training rule (run once on this code and once on the code before it)
+    # (their return-conditioning curve is flat by construction: the paper's two targets suffice)
+    "bc": ["algo=bc", "target_return=paper"],
+    "pct_bc": ["algo=pct_bc", "target_return=paper"],
 }
 COMMON = [
-    "target_return=sweep",
     f"eval.dev_seed={DEV_SEED}",
     "eval.every_n_steps=500",
     "logger=csv",
@@ -60,7 +64,7 @@ COMMON = [
 
 def run(args: argparse.Namespace) -> None:
     for name in args.variants:
-        sweep_dir = Path(args.out) / name
+        sweep_dir = Path(args.out) / f"{name}{args.suffix}"
         cmd = [
             sys.executable,
             "-m",
@@ -70,6 +74,7 @@ def run(args: argparse.Namespace) -> None:
             f"seed={','.join(map(str, args.seeds))}",
             f"++data_dir={args.data_dir}",  # the presets define it; a multirun checks it before them
             *COMMON,
+            *([] if any(o.startswith("target_return=") for o in VARIANTS[name]) else ["target_return=sweep"]),
             *VARIANTS[name],
             f"hydra.sweep.dir={sweep_dir}",
         ]
@@ -151,6 +156,7 @@ def main() -> None:
     r.add_argument("--seeds", nargs="+", type=int, default=[100], help="training seeds (development: 100 on)")
     r.add_argument("--data-dir", required=True)
     r.add_argument("--out", default="outputs/study")
+    r.add_argument("--suffix", default="", help="appended to each sweep dir's name (e.g. -before for older code)")
     s = sub.add_parser("summarize")
     s.add_argument("sweeps", nargs="+")
     s.add_argument("--out", default="benchmarks/results/recipe_study")
