@@ -59,7 +59,7 @@ from dtlab.hf import to_transformers, transformers_actions
 from dtlab.inference import for_rollout, resolve_backend, resolve_workers
 from dtlab.module import DTModule
 from dtlab.policy import Policy
-from dtlab.rollout import rollout
+from dtlab.rollout import DEV_SEED, rollout
 
 ENV = {"id": "HalfCheetah-v5", "obs_dim": 17, "act_dim": 6, "ref_min_score": -280.178953, "ref_max_score": 12135.0}
 
@@ -349,7 +349,7 @@ def main() -> None:
     parser.add_argument("--preset-run", type=Path, help="a preset run's final_evaluation.json: its evaluation share")
     parser.add_argument("--max-steps", type=int, default=1000, help="steps per episode")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=DEV_SEED, help="env seeds (the development range)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_throughput.json")
     args = parser.parse_args()
     if args.threads:
