@@ -127,9 +127,10 @@ def rollout(
     "summary": [{target, return_mean, return_std, return_min, return_max, normalized_score,
     length_mean, episodes}, ...]}, plus "frames" (one list of RGB frames per target, from its
     first episode, at most `video_frames` long) when video_frames > 0, and "trajectories"
-    (raw observations, actions, rewards and the steps each env was alive, as arrays
-    [N, T, ...]) when `record`. `backend`: how the model runs (dtlab.inference: eager, jit,
-    onnxruntime, or auto, the fastest exact one here), built once for this rollout.
+    (raw observations, actions, rewards, the steps each env was alive and the step it
+    terminated at, if it did, as arrays [N, T, ...]) when `record`. `backend`: how the model
+    runs (dtlab.inference: eager, jit, onnxruntime, or auto, the fastest exact one here), built
+    once for this rollout.
     `workers` > 1 splits the envs into that many groups, each stepped with its own model calls
     in a forked process of its own at one torch thread (Linux), so that the groups' envs, model
     calls and Python run side by side on the cores; every env's episode is its own either way.
@@ -313,7 +314,7 @@ def _episodes(
     alive = np.ones(n, dtype=bool)
     frame_envs = list(range(0, n, episodes)) if video_frames else []
     frames: list[list[np.ndarray]] = [[] for _ in frame_envs]
-    trajectories = {"observations": [], "actions": [], "rewards": [], "alive": []}
+    trajectories = {"observations": [], "actions": [], "rewards": [], "alive": [], "terminated": []}
     low, high = envs.single_action_space.low, envs.single_action_space.high
 
     try:
@@ -332,8 +333,9 @@ def _episodes(
                 if alive[env_id] and len(frames[i]) < video_frames:
                     frames[i].append(envs.envs[env_id].render())
             next_obs, reward, terminated, truncated, _ = envs.step(action)
-            if record:
-                for key, value in zip(trajectories, (obs, action, reward, alive.copy()), strict=True):
+            if record:  # terminated: a true end (a fall), not the time limit (what a dataset's dones hold)
+                step = (obs, action, reward, alive.copy(), terminated & alive)
+                for key, value in zip(trajectories, step, strict=True):
                     trajectories[key].append(value)
             received += np.where(alive, reward, 0.0)
             lengths += alive
