@@ -180,7 +180,15 @@ class TrainConfig(_Command):  # conf/train.yaml
         return self
 
 
+class EvaluateEval(Eval):  # conf/evaluate.yaml: null is the run's final evaluation's (dtlab.evaluate)
+    episodes: Positive | None = None
+    seed: NonNegative | None = None
+    backend: Literal["auto", "eager", "jit", "onnxruntime"] | None = None
+    workers: Positive | Literal["auto"] | None = None
+
+
 class EvaluateConfig(_Command):  # conf/evaluate.yaml
+    eval: EvaluateEval
     env: Env | None = None
     hf_reward_scale: Annotated[float, Field(gt=0.0)] = 0.001
 
