@@ -144,7 +144,8 @@ def test_the_report_gives_the_known_table(sweep, tmp_path):
     assert other["protocol_differs"] == dt["protocol_differs"] == "episodes, data.top_fraction"
     assert (other["protocol"]["episodes"], other["episodes"], dt["protocol"]["episodes"]) == (5, 5, 10)
     (top,) = group(report, algo="dt", target=12000.0, mean=70.0)
-    assert top["runs"] == 1 and top["setup"]["data.top_fraction"] == 0.1 and "top_fraction" in top["protocol_differs"]
+    assert top["runs"] == 1 and "top_fraction" in top["protocol_differs"]
+    assert report["setups"][top["setup_hash"]]["data.top_fraction"] == 0.1
     # the aggregate takes one protocol per task (the one with most runs): 3 runs each, P(dt > bc) = 1
     (agg_dt,) = [a for a in report["aggregates"] if a["algo"] == "dt"]
     assert agg_dt["runs"] == 3 and agg_dt["iqm"] == pytest.approx(42.0)
@@ -228,7 +229,8 @@ def test_two_records_that_differ_only_in_reward_scale_are_two_groups_and_the_key
     ]
     report = build_report(records, [])
     groups = [g for g in report["groups"] if g["target"] == 12000.0]
-    assert [g["runs"] for g in groups] == [1, 1] and {g["setup"]["data.reward_scale"] for g in groups} == {1e-3, 1e-4}
+    assert [g["runs"] for g in groups] == [1, 1]
+    assert {report["setups"][g["setup_hash"]]["data.reward_scale"] for g in groups} == {1e-3, 1e-4}
     assert [g["protocol_differs"] for g in groups] == ["data.reward_scale"] * 2
     assert "halfcheetah-medium-v5 (data.reward_scale differ)" in to_markdown(report)
     # a key an older record lacks is its default: the same setup as a record that gives it

@@ -228,7 +228,7 @@ def check_loader_keys(dataset: DictConfig, prefix: str = "dataset") -> None:
         if key in ("path", "name") and key in dataset and dataset[key] is None:
             raise DTLabError(
                 f"config: {prefix}.{key}=null: set it with {prefix}.{key}={key.upper() if key == 'name' else 'FILE'}"
-                + (" (the embedded sample is dataset=sample since dtlab 0.3)" if name == "load_local" else "")
+                + (" (the embedded sample is dataset=sample, no longer a null path)" if name == "load_local" else "")
             )
     sources = dataset.get("sources") if not OmegaConf.is_missing(dataset, "sources") else None
     if isinstance(sources, DictConfig):

@@ -50,7 +50,7 @@ def load_local(path: str | Sequence[str]) -> datasets.Dataset:
     if path is None:  # a config from before load_sample, where path: null meant the sample
         raise DTLabError(
             "dataset.path=null: give a file with dataset.path=FILE (the embedded sample is dataset=sample, "
-            "dtlab.data.load_sample, since dtlab 0.3)"
+            "dtlab.data.load_sample, no longer a null path)"
         )
     paths = [path] if isinstance(path, str | Path) else path
     if len(paths) == 0:

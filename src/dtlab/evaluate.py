@@ -100,7 +100,7 @@ def choose_protocol(cfg: DictConfig, final: dict | None, source: str) -> None:
     """Eval keys left at null (conf/evaluate.yaml's default): those of the checkpoint's run's
     final evaluation (`final`, kept in the checkpoint: episodes, seed, the backend and workers it
     resolved to, torch's threads), so that evaluating last.ckpt repeats it episode for episode;
-    for a source that does not record them (an hf_model, a checkpoint from before dtlab 0.3):
+    for a source that does not record them (an hf_model, a checkpoint written before it recorded them):
     eval.final_episodes, eval.report_seed and the backend and workers defaults. `threads=null`
     takes the run's threads too."""
     fallback = {

@@ -211,7 +211,7 @@ def to_record(final: dict, run: str) -> dict:
     record = {
         "kind": "run_record",
         "run": run,
-        "run_id": final.get("run_id"),  # None for runs from before dtlab 0.3 (run_id() says what stands in)
+        "run_id": final.get("run_id"),  # None for runs from before run ids (run_id() says what stands in)
         "env_id": env.get("id"),
         "dataset": dataset_label(config.get("dataset", {})),
         "algo": (config.get("algo") or {}).get("name", "dt"),
@@ -322,7 +322,7 @@ def write_records(records: Sequence[dict], folder: Path) -> list[Path]:
 
 # The protocol: what a score was measured under (rollout.protocol). The backend, workers and
 # threads decide the episodes (their floating-point sums differ, and MuJoCo episodes amplify
-# that); records from before dtlab 0.3 do not say them (None).
+# that); records written before the protocol held them do not say them (None).
 PROTOCOL_FIELDS = (
     "env",
     "horizon",
@@ -533,17 +533,18 @@ def build_report(records: Sequence[dict], not_used: Sequence[dict]) -> dict:
                 "steps": sorted({run["record"]["steps"] for run in runs}),
                 "wall_time_min": float(np.mean([run["record"]["wall_time_s"] or 0 for run in runs]) / 60),
                 "protocol": dict(zip(PROTOCOL_FIELDS, fp[0], strict=True)),
-                "setup_hash": fp[1],
-                "setup": setups[fp][1],
+                "setup_hash": fp[1],  # the setup itself: report["setups"][setup_hash]
                 "protocol_differs": differences([setups[o] for o in sorted(others, key=str)])
                 if len(others) > 1
                 else "",
                 "target_rule": runs[0]["protocol"]["target_rule"],
             }
         )
-    choose_table(groups)
+    by_hash = {fp[1]: flat for fp, (_, flat) in setups.items()}
+    choose_table(groups, by_hash)
     return {
         "groups": groups,
+        "setups": by_hash,
         "aggregates": aggregates(groups),
         "improvement": improvements(groups),
         "not_used": not_used,
@@ -565,7 +566,7 @@ def _order(item: tuple) -> tuple:
     return (env, dataset, ALGO_ORDER.get(algo, 9), algo, checkpoint != "last", target, str(fp))
 
 
-def choose_table(groups: Sequence[dict]) -> None:
+def choose_table(groups: Sequence[dict], setups: dict[str, dict]) -> None:
     """Mark the groups of the paper table and the aggregates (`in_table`): per task (env,
     dataset), last.ckpt at the headline target, under the one protocol most of the task's runs
     share (so that no row mixes protocols), and per algorithm the setup most of its runs of that
@@ -591,7 +592,8 @@ def choose_table(groups: Sequence[dict]) -> None:
         g["in_table"] = True
         dt = chosen.get((task, "dt"))
         if dt is not None and algo != "dt":
-            keys = differences([(_key(dt), dt["setup"]), (_key(g), g["setup"])]).split(", ")
+            pair = [(_key(x), setups[x["setup_hash"]]) for x in (dt, g)]
+            keys = differences(pair).split(", ")
             g["differs_from_dt"] = ", ".join(k for k in keys if k and not k.startswith(ALGO_OWN))
 
 
@@ -682,7 +684,7 @@ def protocol_line(report: dict) -> str:
     episodes = sorted({g["episodes"] for g in groups})
     ran = sorted(
         {
-            "not recorded (runs before dtlab 0.3)"
+            "not recorded (records written before evaluation records held it)"
             if g["protocol"]["backend"] is None
             else f"{g['protocol']['backend']}, {g['protocol']['workers']} worker(s) at {g['protocol']['threads']} "
             f"thread(s)" + (f", onnxruntime {g['protocol']['onnxruntime']}" if g["protocol"]["onnxruntime"] else "")
@@ -879,7 +881,11 @@ def plot_figures(records: Sequence[dict], out: Path) -> list[Path]:
             title=f"{env} {dataset} (mean over runs, band: {CI_METHOD})",
         )
         ax.legend(fontsize=7, loc="upper left")
-        lc.set(xlabel="training step", ylabel="normalized score (in training, headline target)", title="learning curve")
+        lc.set(
+            xlabel="training step",
+            ylabel="normalized score (in training, headline target)",
+            title=f"learning curve (band: {CI_METHOD})",
+        )
         lc.legend(fontsize=7)
         if online:
             axes[2].set(
