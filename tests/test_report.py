@@ -247,7 +247,9 @@ def test_the_same_runs_reached_through_two_roots_count_once(sweep, tmp_path, cap
     """`dtlab.report outputs/multirun/T --records R`, then `dtlab.report outputs R`: the run
     dirs and their records are the same runs (one run id each), counted once."""
     main([str(sweep), "--out", str(tmp_path / "first"), "--records", str(tmp_path / "records")])
-    records, not_used = find_runs([sweep, tmp_path / "records"])
+    # the records are named after the sweep ("sweep/medium-0"), the run dirs under tmp_path after
+    # tmp_path ("<tmp>/sweep/medium-0"): by name they were two runs each
+    records, not_used = find_runs([tmp_path])
     assert len(records) == 8 and sum("counted once" in n["reason"] for n in not_used) == 8
     report = build_report(records, not_used)
     (dt,) = group(report, algo="dt", target=12000.0, checkpoint="last", runs=3)
@@ -296,11 +298,11 @@ def test_a_paper_table_row_is_one_protocol_and_marks_a_cell_whose_setup_differs_
         for s in range(2)
     ]
     report = build_report(runs, [])
-    table = {(g["algo"], g["runs"]) for g in report["groups"] if g["in_table"]}
-    assert table == {("dt", 3), ("bc", 1), ("pct_bc", 2)}  # the row's protocol: 10 episodes, 6 of its 11 runs
     markdown = to_markdown(report)
     assert "| 33.0 [-] (1) | 50.5 [" in markdown and "(2) \\* |" in markdown
     assert "- \\* HalfCheetah-v5 hopper-medium-v5 10%BC: data.batch_size" in markdown
+    table = {(g["algo"], g["runs"]) for g in report["groups"] if g["in_table"]}
+    assert table == {("dt", 3), ("bc", 1), ("pct_bc", 2)}  # the row's protocol: 10 episodes, 6 of its 11 runs
     assert {a["algo"]: a["runs"] for a in report["aggregates"]} == {"dt": 3, "bc": 1, "pct_bc": 2}
 
 

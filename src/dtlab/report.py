@@ -1,20 +1,23 @@
 """From runs to a paper table: `python -m dtlab.report DIR [DIR ...] [--out DIR] [--records DIR]`.
 
 Finds every training run under the dirs (single runs, multirun sweeps, committed run
-records), reads each run's final evaluation with its protocol record and config, and groups
-the scores by env, dataset, algorithm, checkpoint and target. Runs whose protocols differ
-(env version or horizon, episodes, seeds, library versions) are never pooled.
+records), each once (by its run id), reads its final evaluation with its protocol record and
+config, and groups the scores by env, dataset, algorithm, checkpoint and target. Runs whose
+protocols (env version or horizon, episodes, seeds, library versions, the backend, workers
+and threads that ran) or training setups (the whole resolved recipe, `setup`) differ are never
+pooled; the keys that keep two groups apart are named. Every run not used is listed, with why.
 
-Statistics follow Agarwal et al. 2021 ("Deep RL at the Edge of the Statistical Precipice",
-the rliable library): per group the mean over runs with a 95% percentile-bootstrap CI; across
-tasks the interquartile mean (IQM) of all runs' scores with a 95% stratified-bootstrap CI
-(runs resampled within each task) and the probability of improvement of one algorithm over
-another. Return calibration per run: the Spearman rank correlation of achieved against target
-return over all final targets, and the least-squares slope over the targets within the data's
-return range. The headline score of a group is at a target fixed before the run: the highest
-of its fixed targets (`target_return.values`: in every preset the env's highest paper target,
-e.g. 12000 for HalfCheetah; the sample's expert mean for the default run), else the env's
-highest paper target, never a max over achieved scores.
+Statistics: per group the mean over runs with its 95% Student-t CI (a percentile bootstrap
+over 3 runs is their [min, max]); across tasks, as Agarwal et al. 2021 ("Deep RL at the Edge
+of the Statistical Precipice", the rliable library), the interquartile mean (IQM) of all
+runs' scores with a 95% stratified-bootstrap CI (runs resampled within each task) and the
+probability of improvement of one algorithm over another. Return calibration per run: the
+Spearman rank correlation of achieved against target return over all final targets, and the
+least-squares slope over the targets within the data's return range. The headline score of a
+group is at a target fixed before the run: the highest of its fixed targets
+(`target_return.values`: in every preset the env's highest paper target, e.g. 12000 for
+HalfCheetah; the sample's expert mean for the default run), never a max over achieved scores;
+a run with no fixed target has no headline.
 
 Writes report.md, report.tex, report.json and figures into --out (default: DIR/report).
 """
