@@ -5,7 +5,15 @@ from conftest import drawn_episodes
 from datasets import Dataset
 
 from dtlab import DTLabError
-from dtlab.data import SAMPLE_PATH, WindowSampler, episodes_from_dataset, load_episodes, load_local, top_episodes
+from dtlab.data import (
+    SAMPLE_PATH,
+    WindowSampler,
+    episodes_from_dataset,
+    load_episodes,
+    load_local,
+    load_sample,
+    top_episodes,
+)
 from dtlab.datamodule import TrajectoryDataModule
 
 OBS, ACT = 3, 2
@@ -110,7 +118,7 @@ def test_module_splits_whole_episodes_and_normalizes_with_train_stats():
 
 
 def test_embedded_sample_loads():
-    episodes = episodes_from_dataset(load_local(None))
+    episodes = episodes_from_dataset(load_sample())
     assert SAMPLE_PATH.stat().st_size <= 4e6
     assert episodes.observations.shape[1] == 17 and episodes.actions.shape[1] == 6
     assert episodes.num_episodes == 50 and (episodes.lengths == 1000).all()
@@ -119,7 +127,7 @@ def test_embedded_sample_loads():
 def test_the_default_run_asks_for_the_samples_two_behaviours(make_cfg):
     """dataset=sample (the default) evaluates at its medium and expert episodes' mean returns,
     and any target_return= given still wins."""
-    returns = episodes_from_dataset(load_local(None)).returns  # 12 medium episodes, then 38 expert
+    returns = episodes_from_dataset(load_sample()).returns  # 12 medium episodes, then 38 expert
     assert list(make_cfg().target_return["values"]) == [round(returns[:12].mean()), round(returns[12:].mean())]
     assert make_cfg("target_return=paper").target_return["values"] == [6000.0, 12000.0]
     assert make_cfg("dataset=local", "dataset.path=x.parquet").target_return["values"] == [6000.0, 12000.0]
@@ -160,6 +168,9 @@ def test_missing_path_is_one_clear_error(tmp_path):
     (tmp_path / "x.parquet").write_text("not parquet")
     with pytest.raises(DTLabError, match="is not a Parquet file"):
         load_local(str(tmp_path / "x.parquet"))
+    # path=None was the embedded sample; a config written then is refused in one line
+    with pytest.raises(DTLabError, match=r"dataset.path=null: give a file .* dataset=sample"):
+        load_local(None)
 
 
 def reference_pct_traj(returns: np.ndarray, lengths: np.ndarray, pct: float) -> set[int]:

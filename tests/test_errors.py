@@ -180,9 +180,36 @@ CASES = {
     "misspelled_model_key": ("train", ["+model.n_embed=64"], 2, "model.n_embed is not a key of model (it has ..."),
     "misspelled_dataset_key": (
         "train",
-        ["+dataset.pth=x.parquet"],
+        ["dataset=local", "dataset.path=x.parquet", "+dataset.pth=x.parquet"],
         2,
         "dataset.pth is not an argument of dtlab.data.load_local (it takes path)",
+    ),
+    "a_path_for_the_sample": (
+        "train",
+        ["+dataset.path=x.parquet"],
+        2,
+        "dataset.path is not an argument of dtlab.data.load_sample (it takes none): ... dataset=local dataset.path",
+    ),
+    # a dataset config's missing key is an error before anything loads, never the embedded sample
+    "local_without_path": ("train", ["dataset=local"], 2, "config: dataset.path is missing: set it with dataset.path="),
+    "mixture_source_without_path": (
+        "train",
+        ["dataset=mixture", "dataset.sources.medium.path={inputs}/empty.parquet"],
+        2,
+        "config: dataset.sources.expert.path is missing: set it with dataset.sources.expert.path=FILE",
+    ),
+    "d4rl_hdf5_without_path": ("train", ["dataset=d4rl_hdf5"], 2, "config: dataset.path is missing: set it with"),
+    "local_path_null": (
+        "train",
+        ["dataset=local", "dataset.path=null"],
+        2,
+        "config: dataset.path=null: set it with dataset.path=FILE (the embedded sample is dataset=sample",
+    ),
+    "evaluate_hf_model_local_without_path": (
+        "evaluate",
+        ["hf_model={inputs}/hf", "dataset=local"],
+        2,
+        "config: dataset.path is missing: set it with dataset.path=FILE",
     ),
     "seed_ranges_overlap_with_sweep_targets": (
         "train",

@@ -114,12 +114,49 @@ def test_workers_step_the_same_episodes(backend):
         for w in (1, 4)  # groups of 2, 2, 1 and 1 envs
     )
     assert module.training and torch.get_num_threads() == threads
+    assert (one["ran"]["workers"], one["ran"]["threads"], split["ran"]["workers"], split["ran"]["threads"]) == (
+        1,
+        threads,
+        4,
+        1,  # each worker at one thread
+    )
+    assert one["ran"]["backend"] == split["ran"]["backend"] == backend
     assert len({e["length"] for e in one["episodes"]}) > 1  # some fell before the end
     key = [(e["target"], e["seed"], e["length"]) for e in one["episodes"]]
     assert [(e["target"], e["seed"], e["length"]) for e in split["episodes"]] == key
     np.testing.assert_allclose(
         [e["return"] for e in split["episodes"]], [e["return"] for e in one["episodes"]], rtol=1e-6
     )
+
+
+def test_the_evaluation_record_says_the_backend_workers_and_threads_that_ran(monkeypatch, caplog):
+    """protocol() records how the rollout ran, after auto and any fall-back: the record changes
+    when the backend does, and onnxruntime's version is among the versions when it ran."""
+    pytest.importorskip("onnxruntime")
+    import dtlab.inference
+    from dtlab.rollout import protocol
+
+    env, targets = HALFCHEETAH | {"max_episode_steps": 5}, [1000.0]
+    policy = Policy.from_module(tiny_module(HALFCHEETAH))
+
+    def record(backend: str) -> dict:
+        result = rollout(policy, env, targets, 2, progress=False, backend=backend, workers=1)
+        return protocol(env, targets, {"values": targets}, 2, 0, "last.ckpt", 10, "reporting", ran=result["ran"])
+
+    eager, ort = record("eager"), record("onnxruntime")
+    assert (eager["backend"], eager["workers"], eager["threads"]) == ("eager", 1, torch.get_num_threads())
+    assert ort["backend"] == "onnxruntime" and ort["versions"]["onnxruntime"] == onnxruntime_version()
+    assert "onnxruntime" not in eager["versions"] and {k: v for k, v in ort.items() if k != "versions"} != eager
+    # a backend that cannot run this model falls back to eager, and the record says eager
+    monkeypatch.setattr(dtlab.inference, "_onnx_session", lambda core, example: lambda *x: core(*x) + 1e-4)
+    fell_back = record("onnxruntime")
+    assert fell_back["backend"] == "eager" and "onnxruntime" not in fell_back["versions"]
+
+
+def onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 class DiesInWorkers(Policy):
@@ -249,8 +286,12 @@ def test_final_evaluation_reports_last_and_best_on_seeds_no_selection_used(tiny_
     final = json.loads((out / "final_evaluation.json").read_text())["checkpoints"]
     assert set(final) == {"last", "best"}
     saved = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    (selection,) = [s["selection_seeds"] for k, s in saved["callbacks"].items() if k.startswith("EvaluationCallback")]
+    (state,) = [s for k, s in saved["callbacks"].items() if k.startswith("EvaluationCallback")]
+    selection = state["selection_seeds"]
     assert selection == [0, 3]  # debug=smoke: 2 targets x 2 episodes in training
+    # the run's id, written at train time, travels in its checkpoints (a resumed run keeps it)
+    run_id = json.loads((out / "final_evaluation.json").read_text())["run_id"]
+    assert len(run_id) == 32 and state["run_id"] == run_id
     for name, record in final.items():
         protocol = record["protocol"]
         assert protocol["checkpoint"].endswith(f"{name}.ckpt") and protocol["step"] == 20
@@ -261,11 +302,14 @@ def test_final_evaluation_reports_last_and_best_on_seeds_no_selection_used(tiny_
         assert len(seeds) == 4 and not set(seeds) & set(range(selection[0], selection[1] + 1))
         for s in record["summary"]:
             assert metrics[f"final/{name}/{s['target']:g}/normalized_score"] == pytest.approx(s["normalized_score"])
-    # dtlab.evaluate defaults to the same reporting protocol and to the run's own targets (the
-    # sample's, which dataset=sample chose in training): on last.ckpt it repeats final/last exactly
+    # dtlab.evaluate defaults to the run's final evaluation, as its checkpoint records it: the
+    # run's own targets (the sample's, which dataset=sample chose in training), episodes, seeds,
+    # backend (smoke's eager), workers and threads; on last.ckpt it repeats final/last exactly
     last = f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"
-    as_trained = ("eval.final_episodes=2", "eval.backend=eager")  # smoke's episodes
-    report = evaluate(make_cfg(last, *as_trained, config="evaluate"))
+    report = evaluate(make_cfg(last, config="evaluate"))
+    ran = ("backend", "workers", "threads")
+    assert [report["protocol"][k] for k in ran] == [final["last"]["protocol"][k] for k in ran]
+    assert report["protocol"]["backend"] == "eager"
     assert report["protocol"]["targets"] == [4074.0, 11544.0]
     assert report["protocol"]["seeds"] == [10000, 10003] and report["protocol"]["seeds_role"] == "reporting"
     assert report["protocol"]["step"] == 20
@@ -274,7 +318,7 @@ def test_final_evaluation_reports_last_and_best_on_seeds_no_selection_used(tiny_
     overlapping = evaluate(make_cfg(f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "eval.seed=0", config="evaluate"))
     assert overlapping["protocol"]["seeds_role"] == "overlaps selection"
     # a benchmark's or a recipe study's evaluation: the development seeds, said in the record
-    development = evaluate(make_cfg(last, *as_trained, "eval.dev_seed=20000", config="evaluate"))
+    development = evaluate(make_cfg(last, "eval.dev_seed=20000", config="evaluate"))
     assert development["protocol"]["seeds"] == [20000, 20003]
     assert development["protocol"]["seeds_role"] == "development"
     assert {e["seed"] for e in development["episodes"]} == set(range(20000, 20004))

@@ -36,6 +36,7 @@ NEEDS = {
     ("dataset", "d4rl_hdf5"): ["dataset.path=whatever.hdf5"],
     ("dataset", "mixture"): ["dataset.sources.medium.path=a.parquet", "dataset.sources.expert.path=b.parquet"],
     ("target_return", "custom"): ["target_return.values=[1000]"],
+    ("experiment", "cpu-budget"): ["dataset.path=whatever.parquet"],  # the base of the dataset presets: no file
 }
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,7 +20,15 @@ from dtlab.checkpoint import checkpoint_facts, evaluation_due
 from dtlab.data import EXPLORATION, stream_seed
 from dtlab.policy import Policy
 from dtlab.replay import ReplayBuffer, rollout_trajectories
-from dtlab.rollout import check_seed_ranges, evaluation_record, final_seeds, protocol, resolve_targets, rollout
+from dtlab.rollout import (
+    check_seed_ranges,
+    evaluation_record,
+    final_seeds,
+    planned_execution,
+    protocol,
+    resolve_targets,
+    rollout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +121,10 @@ class EvaluationCallback(L.Callback):
         self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir else self.run_dir / "checkpoints"
         self.final: dict | None = None  # the final evaluation's report (on rank 0)
         self.selection_seeds: list[int] | None = None
+        # The run's identity in final_evaluation.json (dtlab.report counts each run once, however
+        # many folders reach it); kept in checkpoints, so a resumed run keeps it.
+        self.run_id = uuid.uuid4().hex
+        self.final_plan: dict | None = None  # how the final evaluation will run (planned_execution)
         # Kept in checkpoints, so that a resumed run's record covers all of it: the fit's wall
         # time before this launch, and every in-training evaluation's summary.
         self.elapsed, self.launched = 0.0, None
@@ -129,6 +142,10 @@ class EvaluationCallback(L.Callback):
             len(targets), self.seed, self.episodes, len(final), self.report_seed, self.final_episodes, self.dev_seed
         )
         self.selection_seeds = [self.seed, self.seed + len(targets) * self.episodes - 1]
+        n = len(final) * self.final_episodes
+        plan = planned_execution(self.backend, self.workers, pl_module.device, max(n, 1))
+        seed, role = final_seeds(self.report_seed, self.dev_seed)  # what dtlab.evaluate repeats by default
+        self.final_plan = plan | {"episodes": self.final_episodes, "seed": seed, "seeds_role": role}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.launched = time.monotonic()
@@ -146,10 +163,13 @@ class EvaluationCallback(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def state_dict(self) -> dict:
-        # selection_seeds: dtlab.evaluate warns when asked to report on them
+        # selection_seeds: dtlab.evaluate warns when asked to report on them; final_evaluation:
+        # what dtlab.evaluate repeats by default (episodes, seed, backend, workers, threads)
         return {
             "best": self.best,
             "selection_seeds": self.selection_seeds,
+            "final_evaluation": self.final_plan,
+            "run_id": self.run_id,
             "elapsed": self.wall_time(),
             "history": self.history,
         }
@@ -158,6 +178,7 @@ class EvaluationCallback(L.Callback):
         self.best = state_dict["best"]
         self.elapsed = state_dict.get("elapsed", 0.0)
         self.history = state_dict.get("history", [])
+        self.run_id = state_dict.get("run_id") or self.run_id  # checkpoints before run ids: a new one
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
         """Roll out on rank 0 and log on every rank; returns the rollout result on rank 0.
@@ -188,7 +209,7 @@ class EvaluationCallback(L.Callback):
         dataset_returns = getattr(trainer.datamodule, "episode_returns", None)
         targets = resolve_targets(self.target_return, dataset_returns, final=True)
         seed, role = final_seeds(self.report_seed, self.dev_seed)
-        report = {"kind": "final_evaluation", "checkpoints": {}}
+        report = {"kind": "final_evaluation", "run_id": self.run_id, "checkpoints": {}}
         metrics = {}
         pretrained = ["pretrained"] if (self.checkpoints_dir / "pretrained.ckpt").is_file() else []
         for name in ("last", "best", *pretrained):
@@ -218,6 +239,7 @@ class EvaluationCallback(L.Callback):
                 str(path),
                 step,
                 role,
+                ran=result["ran"],
             )
             report["checkpoints"][name] = evaluation_record(record, result)
             for s in result["summary"]:

@@ -78,15 +78,16 @@ def evaluation_due(step: int, every_n_steps: int, max_steps: int) -> bool:
     return (every_n_steps > 0 and step % every_n_steps == 0) or step >= max_steps
 
 
-def checkpoint_facts(path: str) -> tuple[int | None, list[int] | None]:
-    """A dtlab checkpoint's training step, and the env seeds its in-training evaluations used
-    (None for checkpoints that predate the record)."""
+def checkpoint_facts(path: str) -> tuple[int | None, list[int] | None, dict | None]:
+    """A dtlab checkpoint's training step, the env seeds its in-training evaluations used, and
+    how its run's final evaluation runs (episodes, seed, backend, workers, threads: what
+    dtlab.evaluate repeats); None for what a checkpoint predates."""
     saved = torch.load(path, map_location="cpu", weights_only=False)
-    selection = None
+    selection = final = None
     for key, state in saved.get("callbacks", {}).items():
         if key.startswith("EvaluationCallback") and isinstance(state, dict):
-            selection = state.get("selection_seeds")
-    return saved.get("global_step"), selection
+            selection, final = state.get("selection_seeds"), state.get("final_evaluation")
+    return saved.get("global_step"), selection, final
 
 
 class BestCheckpoint(ModelCheckpoint):

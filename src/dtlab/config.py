@@ -182,7 +182,15 @@ class TrainConfig(_Command):  # conf/train.yaml
         return self
 
 
+class EvaluateEval(Eval):  # conf/evaluate.yaml: null is the run's final evaluation's (dtlab.evaluate)
+    episodes: Positive | None = None
+    seed: NonNegative | None = None
+    backend: Literal["auto", "eager", "jit", "onnxruntime"] | None = None
+    workers: Positive | Literal["auto"] | None = None
+
+
 class EvaluateConfig(_Command):  # conf/evaluate.yaml
+    eval: EvaluateEval
     env: Env | None = None
     hf_reward_scale: Annotated[float, Field(gt=0.0)] = 0.001
 
@@ -192,9 +200,12 @@ class EvaluateTargets(BaseModel):  # dtlab.evaluate, once the env is known (pape
     target_return: TargetReturn
 
 
-def check_loader_keys(dataset: dict) -> None:
+def check_loader_keys(dataset: DictConfig, prefix: str = "dataset") -> None:
     """The `dataset` group's keys are the arguments of the loader it names (dtlab.data.load_*):
-    a misspelled one would otherwise fail only inside the loader, as a TypeError."""
+    a misspelled one would otherwise fail only inside the loader, as a TypeError; a missing one
+    (`???`, or an argument without a default that is not given) in Hydra's partial
+    instantiation would be left out, and the loader run with its default. Mixture sources are
+    dataset configs too, checked the same way (`dataset.sources.expert.path`)."""
     target = dataset.get("_target_")
     if not isinstance(target, str) or "." not in target:
         return
@@ -202,13 +213,30 @@ def check_loader_keys(dataset: dict) -> None:
     try:
         loader = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
-        raise DTLabError(f"config: dataset._target_={target!r} cannot be imported: check the name") from None
-    takes = list(inspect.signature(loader).parameters)
+        raise DTLabError(f"config: {prefix}._target_={target!r} cannot be imported: check the name") from None
+    parameters = inspect.signature(loader).parameters
+    takes = list(parameters)
     for key in dataset:
-        if not key.startswith("_") and key not in takes:
+        if not str(key).startswith("_") and key not in takes:
+            hint = " (dataset=local dataset.path=FILE for a file of your own)" if name == "load_sample" else ""
             raise DTLabError(
-                f"config: dataset.{key} is not an argument of {target} (it takes {', '.join(takes)}): fix the spelling"
+                f"config: {prefix}.{key} is not an argument of {target} (it takes {', '.join(takes) or 'none'}): "
+                f"fix the spelling{hint}"
             )
+    for key, parameter in parameters.items():
+        if OmegaConf.is_missing(dataset, key) if key in dataset else parameter.default is inspect.Parameter.empty:
+            example = {"path": "FILE", "name": "NAME", "sources": "{NAME: {...}}"}.get(key, "VALUE")
+            raise DTLabError(f"config: {prefix}.{key} is missing: set it with {prefix}.{key}={example}")
+        if key in ("path", "name") and key in dataset and dataset[key] is None:
+            raise DTLabError(
+                f"config: {prefix}.{key}=null: set it with {prefix}.{key}={key.upper() if key == 'name' else 'FILE'}"
+                + (" (the embedded sample is dataset=sample, no longer a null path)" if name == "load_local" else "")
+            )
+    sources = dataset.get("sources") if not OmegaConf.is_missing(dataset, "sources") else None
+    if isinstance(sources, DictConfig):
+        for source, sub in sources.items():
+            if isinstance(sub, DictConfig):
+                check_loader_keys(sub, f"{prefix}.sources.{source}")
 
 
 def check_config(cfg: DictConfig, schema: type[BaseModel] = TrainConfig) -> None:
@@ -226,7 +254,7 @@ def check_config(cfg: DictConfig, schema: type[BaseModel] = TrainConfig) -> None
         first = [err for err in errors if _key(err, groups) == _key(errors[0], groups)]
         raise DTLabError(_one_line(first, groups)) from None
     if isinstance(cfg.get("dataset"), DictConfig):
-        check_loader_keys(OmegaConf.to_container(cfg.dataset, resolve=False))
+        check_loader_keys(cfg.dataset)
 
 
 def _key(error: dict, given: dict) -> tuple[str, list[str], object]:

@@ -38,11 +38,21 @@ COLUMNS = ("observations", "actions", "rewards")
 # Sources: each returns an HF Dataset with one row per episode.
 
 
-def load_local(path: str | Sequence[str] | None = None) -> datasets.Dataset:
+def load_sample() -> datasets.Dataset:
+    """The small HalfCheetah-v5 sample shipped with dtlab (dataset=sample): 12 medium and 38
+    expert episodes (src/dtlab/assets/make_sample.py says where they come from)."""
+    return load_local(str(SAMPLE_PATH))
+
+
+def load_local(path: str | Sequence[str]) -> datasets.Dataset:
     """Episodes from Parquet files (paths or globs) or `Dataset.save_to_disk` folders.
-    A list of paths is concatenated (e.g. medium + expert = D4RL's medium-expert).
-    `path=None` loads the small HalfCheetah-v5 sample shipped with dtlab."""
-    paths = [SAMPLE_PATH] if path is None else [path] if isinstance(path, str | Path) else path
+    A list of paths is concatenated (e.g. medium + expert = D4RL's medium-expert)."""
+    if path is None:  # a config from before load_sample, where path: null meant the sample
+        raise DTLabError(
+            "dataset.path=null: give a file with dataset.path=FILE (the embedded sample is dataset=sample, "
+            "dtlab.data.load_sample, no longer a null path)"
+        )
+    paths = [path] if isinstance(path, str | Path) else path
     if len(paths) == 0:
         raise DTLabError("dataset.path is an empty list: give at least one Parquet file")
     parts = []

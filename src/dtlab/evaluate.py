@@ -2,10 +2,12 @@
 transformers DecisionTransformerModel folder: `python -m dtlab.evaluate hf_model=PATH env=ENV`.
 
 Prints a table, and writes `evaluation.json` (its protocol record: env, seeds, episodes,
-targets, checkpoint and step, versions; every episode; a summary per target) and the
-return-conditioning plot into the run dir. By default on the reporting seeds
-(`eval.report_seed`), which no in-training evaluation uses; with `eval.dev_seed=20000` on the
-development seeds, for benchmarks and recipe studies (recorded as such, never a result).
+targets, checkpoint and step, the backend, workers and threads that ran, versions; every
+episode; a summary per target) and the return-conditioning plot into the run dir. By default a
+checkpoint's evaluation repeats its run's final evaluation: its targets, episodes, reporting
+seeds (which no in-training evaluation uses), backend, workers and threads. With
+`eval.dev_seed=20000`, on the development seeds, for benchmarks and recipe studies (recorded
+as such, never a result).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from omegaconf import DictConfig, open_dict
 
 from dtlab import DTLabError
 from dtlab.cli import CONF_DIR, find_checkpoint, run_cli
-from dtlab.config import EvaluateConfig, EvaluateTargets, check_config
+from dtlab.config import Eval, EvaluateConfig, EvaluateTargets, check_config
 from dtlab.data import episodes_from_dataset
 from dtlab.hf import from_transformers
 from dtlab.policy import Policy
@@ -95,6 +97,37 @@ def choose_targets(cfg: DictConfig, trained: dict, source: str) -> None:
             )
 
 
+REPEATED = ("episodes", "seed", "backend", "workers")  # eval keys that default to the run's final evaluation's
+
+
+def choose_protocol(cfg: DictConfig, final: dict | None, source: str) -> None:
+    """Eval keys left at null (conf/evaluate.yaml's default): those of the checkpoint's run's
+    final evaluation (`final`, kept in the checkpoint: episodes, seed, the backend and workers it
+    resolved to, torch's threads), so that evaluating last.ckpt repeats it episode for episode;
+    for a source that does not record them (an hf_model, a checkpoint written before it recorded them):
+    eval.final_episodes, eval.report_seed and the backend and workers defaults. `threads=null`
+    takes the run's threads too."""
+    fallback = {
+        "episodes": cfg.eval.final_episodes,
+        "seed": cfg.eval.report_seed,
+        "backend": Eval.model_fields["backend"].default,
+        "workers": Eval.model_fields["workers"].default,
+    }
+    repeated = [k for k in REPEATED if cfg.eval.get(k) is None]
+    with open_dict(cfg):
+        for key in repeated:
+            cfg.eval[key] = (final or fallback).get(key, fallback[key])
+    if cfg.threads is None and final and final.get("threads"):
+        torch.set_num_threads(final["threads"])
+    if repeated:
+        log.info(
+            "eval.%s: %s, as %s (choose others with eval.<key>=...)",
+            ", eval.".join(repeated),
+            ", ".join(str(cfg.eval[k]) for k in repeated),
+            "the run's final evaluation ran" if final else f"{source} does not record its run's final evaluation",
+        )
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Roll out the checkpoint for every target return; returns the report it writes."""
     check_config(cfg, EvaluateConfig)
@@ -128,9 +161,12 @@ def evaluate(cfg: DictConfig) -> dict:
 
     targets = resolve_targets(cfg.target_return, episode_returns, final=True)  # a reporting evaluation
     out = Path(cfg.paths.output_dir)
-    step, selection = checkpoint_facts(cfg.ckpt_path) if cfg.ckpt_path is not None else (None, None)
+    step, selection, final = checkpoint_facts(cfg.ckpt_path) if cfg.ckpt_path is not None else (None, None, None)
+    choose_protocol(cfg, final, source)
     n = len(targets) * cfg.eval.episodes
     seed, role = cfg.eval.seed, "reporting"
+    if final and final.get("seeds_role") == "development" and seed == final["seed"]:
+        role = "development"  # repeating a recipe study's final evaluation: still no result
     if cfg.eval.get("dev_seed") is not None:  # a benchmark's or a recipe study's evaluation
         check_seed_ranges(0, 0, 0, len(targets), cfg.eval.report_seed, cfg.eval.episodes, cfg.eval.dev_seed)
         seed, role = final_seeds(cfg.eval.report_seed, cfg.eval.dev_seed)
@@ -155,7 +191,15 @@ def evaluate(cfg: DictConfig) -> dict:
         workers=cfg.eval.workers,
     )
     record = protocol(
-        cfg.env, targets, cfg.target_return, cfg.eval.episodes, seed, str(Path(source).resolve()), step, role
+        cfg.env,
+        targets,
+        cfg.target_return,
+        cfg.eval.episodes,
+        seed,
+        str(Path(source).resolve()),
+        step,
+        role,
+        ran=result["ran"],
     )
     report = {source_key: str(Path(source).resolve()), "env_id": cfg.env.id, **evaluation_record(record, result)}
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dtlab import DTLabError
-from dtlab.inference import for_rollout, resolve_workers
+from dtlab.inference import BackendPolicy, for_rollout, resolve_backend, resolve_workers
 from dtlab.policy import Policy, check_timesteps, windows
 
 _mujoco_warnings: set[str] = set()
@@ -136,6 +136,8 @@ def rollout(
     calls and Python run side by side on the cores; every env's episode is its own either way.
     `auto`: dtlab.inference.resolve_workers (2 on a CPU at 2+ torch threads, on Linux).
     Frames and trajectories are taken with one worker.
+    "ran" says how it ran (`execution`: the backend after any fall-back, the workers, the
+    threads of each model call), for the evaluation's record (`protocol`).
     `sample_seed`: None acts with the policy's action (for the gaussian head its mean: every
     evaluation); a seed samples each action from the gaussian head's distribution instead, the
     noise from one generator seeded with it (exploration for online finetuning; eager, one
@@ -151,8 +153,9 @@ def rollout(
         raise DTLabError(f"eval.vector_mode={vector_mode!r} is unknown: use sync or async")
     if video_frames and vector_mode != "sync":
         raise DTLabError("eval.video=true needs eval.vector_mode=sync (frames are taken from the sync envs)")
-    workers = resolve_workers(workers, policy.state_mean.device)
-    workers = 1 if video_frames or record or sample_seed is not None else min(workers, n)
+    workers = rollout_workers(
+        workers, policy.state_mean.device, n, bool(video_frames or record or sample_seed is not None)
+    )
     generator = None if sample_seed is None else torch.Generator().manual_seed(sample_seed)
     threads = torch.get_num_threads()  # restored at the end: workers run at one thread each
     training = model.training  # restored at the end, whatever the backend did
@@ -166,6 +169,7 @@ def rollout(
         # one build (at the workers' one thread), inherited by the forked workers; exploration
         # calls the head's distribution, which the backends' graphs do not export
         policy = for_rollout(policy, backend if generator is None else "eager", max(len(g) for g in groups))
+        ran = execution(policy, workers)
 
         # The progress bar is drawn by this process only, from the steps of the first group (its
         # progress stands for all): a forked worker writes nowhere a logger's thread may hold.
@@ -218,11 +222,47 @@ def rollout(
             summarize(tr, received[episode_targets == tr], lengths[episode_targets == tr], env) for tr in targets
         ],
     }
+    result["ran"] = ran
     if video_frames:
         result["frames"] = parts[0]["frames"]
     if record:
         result["trajectories"] = parts[0]["trajectories"]
     return result
+
+
+def rollout_workers(workers: int | str, device: torch.device, n: int, one: bool = False) -> int:
+    """The env groups a rollout of `n` envs steps in processes: `workers` resolved
+    (dtlab.inference.resolve_workers), at most one per env; one (`one`) for frames, recorded
+    trajectories and sampled actions."""
+    workers = resolve_workers(workers, device)
+    return 1 if one else min(workers, n)
+
+
+def execution(policy: Policy | BackendPolicy, workers: int) -> dict:
+    """How a rollout's model calls ran, as an evaluation record keeps it: the backend built (after
+    `auto` and any fall-back to eager), the worker processes, the torch threads of each call
+    (one in workers; ONNX Runtime's session takes torch's), and onnxruntime's version when used.
+    They decide the episodes (floating-point sums, amplified by MuJoCo), so they are part of
+    repeating an evaluation."""
+    backend = policy.backend if isinstance(policy, BackendPolicy) else "eager"
+    return {
+        "backend": backend,
+        "workers": workers,
+        "threads": torch.get_num_threads(),
+        "onnxruntime": version("onnxruntime") if backend == "onnxruntime" else None,
+    }
+
+
+def planned_execution(backend: str, workers: int | str, device: torch.device, n: int) -> dict:
+    """What a final evaluation of `n` envs will run with here, before it runs (for the
+    checkpoint: dtlab.evaluate repeats it): the backend `auto` resolves to, the workers and the
+    process's torch threads. A backend whose build fails falls back to eager the same way in
+    both."""
+    return {
+        "backend": resolve_backend(backend, device),
+        "workers": rollout_workers(workers, device, n),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _in_processes(
@@ -430,13 +470,18 @@ def protocol(
     checkpoint: str | None,
     step: int | None,
     seeds_role: str,
+    *,
+    ran: Mapping,
 ) -> dict:
     """What a score was measured under, stored beside it: env and library versions, the env
     seeds, episodes per target, the targets and the rule that chose them, the checkpoint and
-    its training step. `seeds_role`: "reporting" (never used to pick anything), "selection"
-    (the in-training seeds that pick best.ckpt and feed sweepers) or "development" (a run that
-    chose a recipe or a budget: never a result)."""
+    its training step, and how the rollout ran (`ran`: rollout's result["ran"], from
+    `execution`: backend, workers, threads; onnxruntime's version among the versions).
+    `seeds_role`: "reporting" (never used to pick anything), "selection" (the in-training
+    seeds that pick best.ckpt and feed sweepers) or "development" (a run that chose a recipe
+    or a budget: never a result)."""
     n = len(targets) * episodes
+    onnxruntime = {"onnxruntime": ran["onnxruntime"]} if ran.get("onnxruntime") else {}
     return {
         "env_id": env["id"],
         "max_episode_steps": int(env["max_episode_steps"]),
@@ -450,12 +495,16 @@ def protocol(
         },
         "checkpoint": checkpoint,
         "step": step,
+        "backend": ran["backend"],
+        "workers": ran["workers"],
+        "threads": ran["threads"],
         "versions": {
             "dtlab": version("dtlab"),
             "gymnasium": gym.__version__,
             "mujoco": mujoco.__version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
+            **onnxruntime,
         },
     }
 
