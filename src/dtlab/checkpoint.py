@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -179,9 +180,10 @@ def read_checkpoint(path: str | Path) -> dict:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message names the global the file asked for, e.g. "GLOBAL posix.system"
-        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+        found = re.search(r"GLOBAL \S+", str(e))
         raise DTLabError(
-            f"checkpoint {path!r} holds pickled objects that are not tensors or plain data ({found[:120]}), and "
+            f"checkpoint {path!r} holds pickled objects that are not tensors or plain data "
+            f"({found.group(0) if found else type(e).__name__}), and "
             "loading them could run code: refused unread. Use checkpoints written by dtlab.train"
         ) from None
     except Exception as e:  # noqa: BLE001 - whatever torch raises, the file is unusable
@@ -255,11 +257,6 @@ def _may_differ(key: str) -> bool:
     return key.startswith("dataset.") and key.rsplit(".", 1)[-1] in DATA_LOCATION
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:37]}..."
-
-
 def resume_path(ckpt_path: str | None, module: DTModule, run_config: dict | None = None) -> str | None:
     """The checkpoint to resume from (a file `dtlab.train.find_checkpoint` found), checked
     before any training step: it loads, and it was trained with this run's settings. Lightning
@@ -319,9 +316,7 @@ def resume_path(ckpt_path: str | None, module: DTModule, run_config: dict | None
         listed = "; ".join(
             ([f"the training data differs ({data[0]} there, {data[1]} here: the dataset changed)"] if data else [])
             + [
-                f"{key}={_shown(old)} there, {_shown(new)} here"
-                if all(isinstance(v, str | int | float | bool) or v is None for v in (old, new))
-                else f"{key} differs"
+                f"{key}={old!r} there, {new!r} here" if len(repr(old)) + len(repr(new)) <= 80 else f"{key} differs"
                 for key, (old, new) in sorted(changed.items())
             ]
         )

@@ -60,7 +60,8 @@ def run_cli(task, cfg: DictConfig):  # noqa: ANN001, ANN201 - a thin wrapper aro
         error = e if isinstance(e, DTLabError) else e.__cause__
         if not isinstance(error, DTLabError) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"dtlab: error: {error}", file=sys.stderr)
+        # on a line of its own: an error mid-run follows a progress bar's unfinished line
+        print(f"\ndtlab: error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
