@@ -74,8 +74,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        # what Lightning restores a resumed run from: the same checks as every other read
-        return read_checkpoint(path)
+        # what Lightning restores a resumed run from (resume_path checked it is dtlab's), and
+        # under ddp_spawn its own temporary weights file: no pickled code, no non-finite weights
+        return read_checkpoint(path, dtlab_only=False)
 
 
 def _size(n: int) -> str:
@@ -170,11 +171,12 @@ class BestCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, dtlab_only: bool = True) -> dict:
     """The one reader of checkpoints (evaluation, export, resuming, the final evaluation): the
     file's contents, or DTLabError if it is missing, unreadable, carries pickled objects other
     than tensors and plain data (`weights_only=True`: dtlab saves nothing else, so nothing is
-    allow-listed; loading such a file could run code), or holds non-finite weights."""
+    allow-listed; loading such a file could run code), or holds non-finite weights; with
+    `dtlab_only`, also if it lacks the weights and hyperparameters dtlab writes."""
     path = find_checkpoint(path)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -192,9 +194,9 @@ def read_checkpoint(path: str | Path) -> dict:
             f"checkpoint {path!r} cannot be loaded ({type(e).__name__}: {reason}): "
             "is it a complete checkpoint written by dtlab.train?"
         ) from None
-    if not isinstance(saved, dict) or "state_dict" not in saved or "hyper_parameters" not in saved:
+    if dtlab_only and (not isinstance(saved, dict) or "state_dict" not in saved or "hyper_parameters" not in saved):
         raise DTLabError(f"checkpoint {path!r} is not a dtlab checkpoint (no weights or hyperparameters)")
-    for name, value in saved["state_dict"].items():
+    for name, value in saved.get("state_dict", {}).items():
         if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).sum())
             raise DTLabError(
