@@ -55,6 +55,7 @@ import transformers
 from gymnasium.vector import SyncVectorEnv
 
 from dtlab import inference
+from dtlab.checkpoint import load_checkpoint
 from dtlab.hf import to_transformers, transformers_actions
 from dtlab.inference import for_rollout, resolve_backend, resolve_workers
 from dtlab.module import DTModule
@@ -355,7 +356,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ckpt:
-        module = DTModule.load_from_checkpoint(args.ckpt, map_location="cpu")
+        module = load_checkpoint(args.ckpt)  # dtlab's one checkpoint reader
     else:
         torch.manual_seed(args.seed)
         module = DTModule(ENV["id"], 17, 6, 1000, [0.0] * 17, [1.0] * 17, reward_scale=0.001)

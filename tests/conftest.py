@@ -7,7 +7,9 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import importlib  # noqa: E402
 import socket  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -89,3 +91,19 @@ def random_module(**overrides):  # noqa: ANN201 - a DTModule
         "activation": "relu",
     }
     return DTModule(**(args | overrides))
+
+
+def run_main(command: str, args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """`python -m dtlab.<command> ARGS`, in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [f"dtlab.{command}", *args])
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(f"dtlab.{command}").main()
+    out = capsys.readouterr()
+    return exit.value.code, out.out, out.err
+
+
+def one_error_line(err: str) -> str:
+    """The one `dtlab: error:` line an entry point ends with on bad input (and no traceback)."""
+    errors = [line for line in err.splitlines() if line.startswith("dtlab: error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err, err[-3000:]
+    return errors[0]

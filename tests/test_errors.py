@@ -6,7 +6,6 @@ Hydra callback, `run_cli`): starting a fresh interpreter costs ~6 s of CPU here 
 imports torchmetrics, which imports transformers), and test_train.py already shows the same
 one line and exit code from a real subprocess."""
 
-import importlib
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_cfg
+from conftest import compose_cfg, run_main
 from datasets import Dataset, Features, Sequence, Value
 
 from dtlab.train import train
@@ -266,15 +265,6 @@ CASES = {
         "trained in HalfCheetah-v5 but env=Hopper-v5 was asked: evaluate it in the env it was trained in",
     ),
 }
-
-
-def run_main(command: str, args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """`python -m dtlab.<command> ARGS`, in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [f"dtlab.{command}", *args])
-    with pytest.raises(SystemExit) as exit:
-        importlib.import_module(f"dtlab.{command}").main()
-    out = capsys.readouterr()
-    return exit.value.code, out.out, out.err
 
 
 @pytest.mark.parametrize(("command", "args", "code", "message"), CASES.values(), ids=CASES.keys())

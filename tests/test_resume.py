@@ -97,7 +97,7 @@ def test_a_save_that_dies_halfway_leaves_the_previous_checkpoint_whole(tmp_path)
     with pytest.raises(OSError, match="disk full"):
         io.save_checkpoint({"step": 2, "weights": torch.zeros(100_000), "tail": FailsHalfway()}, path)
     assert path.read_bytes() == before
-    assert io.load_checkpoint(path)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 

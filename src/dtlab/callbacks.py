@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from dtlab import DTLabError
-from dtlab.checkpoint import checkpoint_facts, evaluation_due
+from dtlab.checkpoint import checkpoint_facts, evaluation_due, module_from_checkpoint, read_checkpoint
 from dtlab.data import EXPLORATION, stream_seed
 from dtlab.policy import Policy
 from dtlab.replay import ReplayBuffer, rollout_trajectories
 from dtlab.rollout import (
+    NonFiniteRollout,
     check_seed_ranges,
     evaluation_record,
     final_seeds,
@@ -214,22 +215,31 @@ class EvaluationCallback(L.Callback):
         pretrained = ["pretrained"] if (self.checkpoints_dir / "pretrained.ckpt").is_file() else []
         for name in ("last", "best", *pretrained):
             path = self.checkpoints_dir / f"{name}.ckpt"
+            if not path.is_file() and name == "last":
+                # a run whose record lacks its last weights must not pass for a finished one
+                raise DTLabError(
+                    f"final evaluation: {path} does not exist (callbacks.checkpoint.save_last=false, or removed "
+                    f"during the run): evaluate the run's checkpoints with python -m dtlab.evaluate ckpt_path=PATH"
+                )
             if not path.is_file():
                 log.warning("final evaluation: %s does not exist, skipped", path)
                 continue
-            saved = type(pl_module).load_from_checkpoint(path, map_location=pl_module.device)
-            step = checkpoint_facts(path)[0]
-            result = rollout(
-                Policy.from_module(saved),
-                self.env,
-                targets,
-                self.final_episodes,
-                seed=seed,
-                vector_mode=self.vector_mode,
-                progress=trainer.progress_bar_callback is not None,
-                backend=self.backend,
-                workers=self.workers,
-            )
+            saved = read_checkpoint(path)  # once: the module and its step from one read
+            step = checkpoint_facts(saved)[0]
+            try:
+                result = rollout(
+                    Policy.from_module(module_from_checkpoint(saved, pl_module.device)),
+                    self.env,
+                    targets,
+                    self.final_episodes,
+                    seed=seed,
+                    vector_mode=self.vector_mode,
+                    progress=trainer.progress_bar_callback is not None,
+                    backend=self.backend,
+                    workers=self.workers,
+                )
+            except NonFiniteRollout as e:
+                raise DTLabError(f"final evaluation of {path}: {e}") from None
             record = protocol(
                 self.env,
                 targets,

@@ -28,15 +28,15 @@ def _conf_dir() -> str:
 CONF_DIR = _conf_dir()
 
 
-def find_checkpoint(ckpt_path: str | Path, run_dir: str | Path | None = None) -> str:
+def find_checkpoint(ckpt_path: str | Path, checkpoints_dir: str | Path | None = None) -> str:
     """The checkpoint file `ckpt_path` names, or DTLabError if there is none. Free of
     Lightning, so that the entry points check the path before they import it.
 
-    `ckpt_path=last` (with the `run_dir` of a run to resume) is that run's `last.ckpt`: resume a
-    run by pointing Hydra at its dir, `hydra.run.dir=OLD_RUN_DIR ckpt_path=last`, and the run
-    goes on writing there."""
-    if ckpt_path == "last" and run_dir is not None:
-        last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    `ckpt_path=last` (with the `checkpoints_dir`, `paths.checkpoints_dir`, of a run to resume) is
+    that run's `last.ckpt`: resume a run by pointing Hydra at its dir, `hydra.run.dir=OLD_RUN_DIR
+    ckpt_path=last`, and the run goes on writing there."""
+    if ckpt_path == "last" and checkpoints_dir is not None:
+        last = Path(checkpoints_dir) / "last.ckpt"
         if not last.is_file():
             raise DTLabError(
                 f"ckpt_path=last looks for {last}, which does not exist: resume a run with "
@@ -60,7 +60,8 @@ def run_cli(task, cfg: DictConfig):  # noqa: ANN001, ANN201 - a thin wrapper aro
         error = e if isinstance(e, DTLabError) else e.__cause__
         if not isinstance(error, DTLabError) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"dtlab: error: {error}", file=sys.stderr)
+        # on a line of its own: an error mid-run follows a progress bar's unfinished line
+        print(f"\ndtlab: error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -95,6 +96,49 @@ def check_writable(dir_key: str, cfg: DictConfig) -> None:
         ) from None
 
 
+# Every writer and reader of a run's checkpoints, each of which interpolates paths.checkpoints_dir
+CHECKPOINT_DIR_KEYS = (
+    "callbacks.checkpoint.dirpath",
+    "callbacks.best_checkpoint.dirpath",
+    "callbacks.evaluation.checkpoints_dir",
+    "online.checkpoints_dir",
+)
+
+
+def check_checkpoints_dir(cfg: DictConfig) -> None:
+    """One checkpoints dir: a writer overridden on its own (callbacks.checkpoint.dirpath=...)
+    would leave the final evaluation and `ckpt_path=last` looking in the other one."""
+    expected = str(Path(cfg.paths.checkpoints_dir))
+    for key in CHECKPOINT_DIR_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and str(Path(value)) != expected:
+            raise DTLabError(
+                f"{key}={value} differs from paths.checkpoints_dir={expected}, which the final evaluation and "
+                f"ckpt_path=last read: set paths.checkpoints_dir={value} instead (every checkpoint key follows it)"
+            )
+    check_writable("paths.checkpoints_dir", cfg)
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """The GPUs a trainer config asks for against those this machine has, in one line (Lightning
+    raises a traceback from inside instantiate)."""
+    import torch
+
+    accelerator, devices = trainer.get("accelerator"), trainer.get("devices")
+    gpus = torch.cuda.device_count()
+    asked = len(devices) if isinstance(devices, list | tuple) else devices if isinstance(devices, int) else None
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        raise DTLabError(
+            f"trainer.accelerator={accelerator} but this machine has no CUDA device (torch {torch.__version__}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): use trainer=cpu"
+        )
+    if accelerator in ("gpu", "cuda", "auto") and gpus and asked is not None and asked > gpus:
+        raise DTLabError(
+            f"trainer.devices={devices} asks for {asked} GPUs (trainer.accelerator={accelerator}) but this machine has "
+            f"{gpus}: set trainer.devices={gpus}, or trainer.accelerator=cpu for {asked} CPU processes"
+        )
+
+
 class CheckOutputDir(Callback):
     """A Hydra callback (conf: hydra.callbacks): Hydra creates the run dir before our code
     runs, and its own error when it cannot is a traceback; this says it in one line first."""
@@ -104,3 +148,25 @@ class CheckOutputDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
         run_cli(lambda cfg: check_writable("hydra.sweep.dir", cfg), config)
+
+
+class LockRunDir(Callback):
+    """A Hydra callback (conf/train.yaml): the run dir's lock (dtlab.lock), taken before Hydra
+    writes the job's .hydra/ config and log into it, so that a second run in a dir in use
+    overwrites nothing; `train()` takes it again, which also covers the compose API and
+    multirun jobs (each job its own dir)."""
+
+    def __init__(self) -> None:
+        self.lock: Path | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        from dtlab import lock
+
+        self.lock = run_cli(lambda cfg: lock.acquire(cfg.hydra.run.dir), config)
+
+    def on_run_end(self, config: DictConfig, **kwargs: object) -> None:
+        from dtlab import lock
+
+        if self.lock is not None:
+            lock.release(self.lock)
+            self.lock = None

@@ -28,6 +28,7 @@ from dtlab.data import episodes_from_dataset
 from dtlab.hf import from_transformers
 from dtlab.policy import Policy
 from dtlab.rollout import (
+    NonFiniteRollout,
     asks_for_targets,
     check_env,
     check_seed_ranges,
@@ -45,7 +46,8 @@ log = logging.getLogger(__name__)
 def load_policy(cfg: DictConfig) -> tuple[Policy, dict]:
     """The policy to evaluate, with what its source says of its training: {"env_id", "env" (that
     env's config), "episode_returns" (the training data's), "target_return" (the run's target
-    config)}, each None where the source says nothing."""
+    config), "step", "selection_seeds" (its in-training evaluations'), "final_evaluation" (how
+    its run's final evaluation ran)}, each None where the source says nothing."""
     if (cfg.ckpt_path is None) == (cfg.hf_model is None):
         raise DTLabError(
             "give one of ckpt_path=PATH (a dtlab checkpoint) or hf_model=PATH (a transformers save_pretrained folder)"
@@ -62,16 +64,22 @@ def load_policy(cfg: DictConfig) -> tuple[Policy, dict]:
             imported.reward_scale = float(cfg.hf_reward_scale)
             returns = episodes.returns.tolist()
         trained = {"env_id": imported.env_id, "env": None, "episode_returns": returns, "target_return": None}
+        trained |= {"step": None, "selection_seeds": None, "final_evaluation": None}
         return imported.policy(repr(cfg.hf_model)), trained
     find_checkpoint(cfg.ckpt_path)  # before Lightning is imported (~9 s), so that a wrong path fails at once
-    from dtlab.checkpoint import load_checkpoint
+    from dtlab.checkpoint import checkpoint_facts, module_from_checkpoint, read_checkpoint
 
-    module = load_checkpoint(cfg.ckpt_path)
+    saved = read_checkpoint(cfg.ckpt_path)  # the file's one read
+    module = module_from_checkpoint(saved)
+    step, selection, final = checkpoint_facts(saved)
     trained = {
         "env_id": module.hparams.env_id,
         "env": module.env_config,
         "episode_returns": module.episode_returns,
         "target_return": module.target_return,
+        "step": step,
+        "selection_seeds": selection,
+        "final_evaluation": final,
     }
     return Policy.from_module(module), trained
 
@@ -157,11 +165,10 @@ def evaluate(cfg: DictConfig) -> dict:
     choose_targets(cfg, trained, source)
     check_config(cfg, EvaluateTargets)
     from dtlab.callbacks import plot_return_conditioning, write_video  # Lightning: after the checks
-    from dtlab.checkpoint import checkpoint_facts
 
     targets = resolve_targets(cfg.target_return, episode_returns, final=True)  # a reporting evaluation
     out = Path(cfg.paths.output_dir)
-    step, selection, final = checkpoint_facts(cfg.ckpt_path) if cfg.ckpt_path is not None else (None, None, None)
+    step, selection, final = trained["step"], trained["selection_seeds"], trained["final_evaluation"]
     choose_protocol(cfg, final, source)
     n = len(targets) * cfg.eval.episodes
     seed, role = cfg.eval.seed, "reporting"
@@ -179,17 +186,20 @@ def evaluate(cfg: DictConfig) -> dict:
             seed + n - 1,
             *selection,
         )
-    result = rollout(
-        policy,
-        cfg.env,
-        targets,
-        cfg.eval.episodes,
-        seed=seed,
-        vector_mode=cfg.eval.vector_mode,
-        video_frames=cfg.eval.video_frames if cfg.eval.video else 0,
-        backend=cfg.eval.backend,
-        workers=cfg.eval.workers,
-    )
+    try:
+        result = rollout(
+            policy,
+            cfg.env,
+            targets,
+            cfg.eval.episodes,
+            seed=seed,
+            vector_mode=cfg.eval.vector_mode,
+            video_frames=cfg.eval.video_frames if cfg.eval.video else 0,
+            backend=cfg.eval.backend,
+            workers=cfg.eval.workers,
+        )
+    except NonFiniteRollout as e:
+        raise DTLabError(f"{source_key}={source}: {e}") from None
     record = protocol(
         cfg.env,
         targets,

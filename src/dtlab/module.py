@@ -126,18 +126,22 @@ class DTModule(L.LightningModule):
         self.env_config: dict | None = None
         self.episode_returns: list[float] | None = None
         self.target_return: dict | None = None
+        # and the run's whole resolved config, which a resume is checked against (dtlab.checkpoint.resume_path)
+        self.run_config: dict | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["dtlab"] = {
             "env": self.env_config,
             "episode_returns": self.episode_returns,
             "target_return": self.target_return,
+            "config": self.run_config,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         extra = checkpoint.get("dtlab", {})
         self.env_config, self.episode_returns = extra.get("env"), extra.get("episode_returns")
         self.target_return = extra.get("target_return")  # None in checkpoints written before 2026-12-02
+        self.run_config = extra.get("config")  # None in checkpoints of dtlab 0.2.0 and earlier
 
     def _action_mse(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """MSE between predicted and dataset actions, over the steps the policy trains on: real

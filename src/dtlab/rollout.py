@@ -44,6 +44,27 @@ def _log_mujoco_warning(message: str) -> None:
 mujoco.set_mju_user_warning(_log_mujoco_warning)
 
 
+class NonFiniteRollout(DTLabError):
+    """An episode whose actions, observations or rewards turned NaN or Inf: the evaluation stops
+    (a NaN must never become a score). The message names the target, env seed and step; the
+    callers that know the checkpoint prefix it."""
+
+
+def _check_finite(what: str, values: np.ndarray, alive: np.ndarray, target: torch.Tensor, seeds: list, t: int) -> None:
+    bad = alive & ~np.isfinite(values.reshape(len(alive), -1)).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise NonFiniteRollout(
+            f"the episode at target {float(target[i]):g}, env seed {seeds[i]} has a non-finite {what} at step {t} "
+            f"({int(bad.sum())} of {len(alive)} envs at this step): evaluation stopped, no score written. "
+            + (
+                "The weights are finite: check the state normalization (a zero state_std) and the model's inputs"
+                if what == "action"
+                else "The env turned unstable (MuJoCo): check the actions' scale and the env version"
+            )
+        )
+
+
 def check_env(env: Mapping) -> tuple[np.ndarray, np.ndarray]:
     """Fail early if the env id is unknown or its spaces differ from the env config. Returns the
     bounds of its actions, (low, high), each (act_dim,)."""
@@ -368,11 +389,15 @@ def _episodes(
             window = windows(states, actions, returns_to_go, sequence_start, count.new_full((n,), first), count, K)
             action = policy.act(window) if generator is None else policy.sample(window, generator)  # (N, act_dim)
             actions[rows] = action
-            action = np.clip(action.float().cpu().numpy(), low, high)
+            action = action.float().cpu().numpy()
+            _check_finite("action", action, alive, target, seeds, t)  # np.clip would pass a NaN on to MuJoCo
+            action = np.clip(action, low, high)
             for i, env_id in enumerate(frame_envs):
                 if alive[env_id] and len(frames[i]) < video_frames:
                     frames[i].append(envs.envs[env_id].render())
             next_obs, reward, terminated, truncated, _ = envs.step(action)
+            _check_finite("observation", next_obs, alive, target, seeds, t + 1)
+            _check_finite("reward", np.asarray(reward), alive, target, seeds, t)
             if record:  # terminated: a true end (a fall), not the time limit (what a dataset's dones hold)
                 step = (obs, action, reward, alive.copy(), terminated & alive)
                 for key, value in zip(trajectories, step, strict=True):

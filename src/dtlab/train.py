@@ -13,7 +13,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dtlab.cli import CONF_DIR, CheckOutputDir, check_plugins, find_checkpoint, run_cli  # noqa: F401 - CheckOutputDir: 0.1 configs name it here
+from dtlab import lock
+from dtlab.cli import (  # noqa: F401 - CheckOutputDir: 0.1 configs name it here
+    CONF_DIR,
+    CheckOutputDir,
+    check_checkpoints_dir,
+    check_devices,
+    check_plugins,
+    find_checkpoint,
+    run_cli,
+)
 from dtlab.config import TrainConfig, check_config
 from dtlab.data import check_context_length, check_episode_lengths, format_report, load_episodes, minari_env
 from dtlab.policy import check_timesteps
@@ -25,8 +34,17 @@ OmegaConf.register_new_resolver("minari_env", minari_env, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit a DTModule as `cfg` says; returns the final metrics (train/*, val/*, eval/*)."""
+    """Fit a DTModule as `cfg` says; returns the final metrics (train/*, val/*, eval/*). The
+    run dir is locked meanwhile (dtlab.lock): a second run there refuses to start."""
     check_config(cfg, TrainConfig)
+    held = lock.acquire(cfg.paths.output_dir)
+    try:
+        return _train(cfg)
+    finally:
+        lock.release(held)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("online") is not None:
         online_stage(cfg)
     if cfg.threads:
@@ -53,12 +71,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
             range(e.seed, e.seed + len(targets) * e.episodes),
             range(e.report_seed, e.report_seed + len(final_targets) * e.final_episodes),
         )
-    ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.output_dir)
+    check_checkpoints_dir(cfg)
+    check_devices(cfg.trainer)
+    ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.checkpoints_dir)
 
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from dtlab.checkpoint import resume_path
+    from dtlab.checkpoint import adopt_checkpoint, resume_path
     from dtlab.tracking import WandbLogger
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -81,7 +101,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module.env_config = OmegaConf.to_container(cfg.env, resolve=True)
     module.episode_returns = datamodule.episode_returns.tolist()
     module.target_return = OmegaConf.to_container(cfg.target_return, resolve=True)
-    ckpt_path = resume_path(ckpt_path, module)
+    # The composed config, resolved, is the run's config (W&B starts here, before any training);
+    # it travels in every checkpoint, which a resume is checked against.
+    run_config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    module.run_config = run_config
+    ckpt_path = resume_path(ckpt_path, module, run_config)
+    if ckpt_path is not None:
+        adopt_checkpoint(ckpt_path, cfg.paths.checkpoints_dir)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     if cfg.get("online") is not None:  # after the evaluation callback: a round follows its step's evaluation
         env, target_return = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("env", "target_return"))
@@ -93,8 +119,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Lightning cannot see that our batch stream resumes exactly: it starts at the restored
     # trainer.global_step (data.py), so a checkpoint from mid-epoch is as good as any.
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
-    # The composed config, resolved, is the run's config (W&B starts here, before any training).
-    run_config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     failed = True
     try:
         report = datamodule.report
@@ -111,7 +135,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "stopped by SIGTERM after step %d, saved in %s; continue with: python -m dtlab.train "
             "[same overrides] hydra.run.dir=%s ckpt_path=last",
             trainer.global_step,
-            Path(cfg.paths.output_dir) / "checkpoints",
+            cfg.paths.checkpoints_dir,
             cfg.paths.output_dir,
         )
         sys.exit(143)
@@ -128,7 +152,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # with the run's resolved config, the file is the run's whole record (dtlab.report)
         final.write_text(json.dumps(report | {"config": run_config}, indent=2))
         print_final_evaluation(report)
-    log.info("run dir: %s (checkpoints in %s, final evaluation in %s)", run_dir, run_dir / "checkpoints", final.name)
+    log.info("run dir: %s (checkpoints in %s, final evaluation in %s)", run_dir, cfg.paths.checkpoints_dir, final.name)
     return metrics
 
 
