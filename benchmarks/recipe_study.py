@@ -36,17 +36,18 @@ VARIANTS: dict[str, list[str]] = {
     "preset-gpt2": ["model.init=gpt2"],
     "reference": [],
     "nodrop": ["model.dropout=0.0"],
-    "notime-nodrop": ["model.timestep_embedding=false", "model.dropout=0.0"],
-    "notime-nodrop-rs1e-4": ["model.timestep_embedding=false", "model.dropout=0.0", "data.reward_scale=0.0001"],
+    "notime-nodrop": ["++model.timestep_embedding=false", "model.dropout=0.0"],
+    "notime-nodrop-rs1e-4": ["++model.timestep_embedding=false", "model.dropout=0.0", "data.reward_scale=0.0001"],
+    # (keys that model=small lacks take ++: a multirun checks each override before the presets)
     "notime-nodrop-gpt2-torchreturn": [
         "model.init=gpt2",
-        "model.return_init=torch",
-        "model.timestep_embedding=false",
+        "++model.return_init=torch",
+        "++model.timestep_embedding=false",
         "model.dropout=0.0",
     ],
     "nodrop-K20": ["model.dropout=0.0", "model.context_length=20"],
-    "notime-nodrop-lr1e-3": ["model.timestep_embedding=false", "model.dropout=0.0", "model.learning_rate=1.0e-3"],
-    "notime-nodrop-b128": ["model.timestep_embedding=false", "model.dropout=0.0", "data.batch_size=128"],
+    "notime-nodrop-lr1e-3": ["++model.timestep_embedding=false", "model.dropout=0.0", "model.learning_rate=1.0e-3"],
+    "notime-nodrop-b128": ["++model.timestep_embedding=false", "model.dropout=0.0", "data.batch_size=128"],
     # the baselines, for BC's training rule (run once on this code and once on the code before it)
     # (their return-conditioning curve is flat by construction: the paper's two targets suffice)
     "bc": ["algo=bc", "target_return=paper"],
