@@ -116,7 +116,8 @@ def test_a_dataset_changed_on_disk_between_runs_is_refused_on_resume(trained, tm
     data = Dataset.from_parquet(str(SAMPLE_PATH))
     data.select(range(len(data) - 1)).to_parquet(changed)
     ckpt = trained / "elsewhere" / "last.ckpt"
-    code, err = run_train(trained, tmp_path, monkeypatch, capsys, f"dataset.path={changed}", f"ckpt_path={ckpt}")
+    args = ("dataset=local", f"dataset.path={changed}", f"ckpt_path={ckpt}")
+    code, err = run_train(trained, tmp_path, monkeypatch, capsys, *args)
     assert code == 2
     line = one_error_line(err)
     assert f"the training data differs ({len(data)} episodes" in line and f"there, {len(data) - 1} episodes" in line

@@ -22,7 +22,7 @@ from dtlab.train import train
 GROUPS = {
     p.name: sorted(str(f.relative_to(p).with_suffix("")) for f in p.rglob("*.yaml"))
     for p in [*Path(CONF_DIR).iterdir(), Path(CONF_DIR) / "hydra" / "launcher"]
-    if p.is_dir() and p.name != "hydra"
+    if p.is_dir() and p.name not in ("hydra", "recipe")  # recipe: dtlab.collect's (tests/test_collect.py)
 }
 GROUPS["hydra/launcher"] = GROUPS.pop("launcher")
 OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
