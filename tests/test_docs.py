@@ -195,3 +195,22 @@ def test_run_blocks_run(tmp_path):
         print(f"{where(path, line)}: {time.perf_counter() - start:.1f} s")
         assert done.returncode == 0, f"{where(path, line)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     assert (tmp_path / "outputs" / "first" / "checkpoints" / "policy.onnx").is_file()
+
+
+def slug(heading: str) -> str:
+    """A heading's anchor as GitHub and mkdocs' toc make it (for the headings these docs use)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readmes_links_reach_files_and_headings():
+    """mkdocs checks the docs' own links; the README is outside the site, so its links to files
+    and to headings of docs pages are checked here."""
+    readme = (ROOT / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", readme):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        assert (ROOT / path).exists(), target
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)
+            assert anchor in {slug(h) for h in headings}, target
