@@ -324,19 +324,28 @@ def test_probability_of_improvement_interval_agrees_with_rliable():
     np.testing.assert_allclose(ours, theirs["pair"][:, 0], atol=0.04)
 
 
-def test_the_readme_results_are_the_committed_records_report():
-    """The README's tables are report.md of the committed run records, as their commands say:
-    regenerating them from benchmarks/results/runs/ gives the same text."""
+def test_the_docs_results_are_the_committed_records_report():
+    """docs/results.md's tables are report.md of the committed run records, as their commands
+    say: regenerating them from benchmarks/results/runs/ gives the same text. The README's
+    compact table is that report's first table and its aggregates, cut from the same text."""
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
+    results, readme = (root / "docs" / "results.md").read_text(), (root / "README.md").read_text()
     runs = root / "benchmarks" / "results" / "runs"
+
+    def between(text: str, name: str) -> str:
+        start, end = f"<!-- report:{name} -->\n", f"<!-- /report:{name} -->"
+        return text[text.index(start) + len(start) : text.index(end)]
+
     tables = [("paper-table", ["halfcheetah", "hopper-walker2d", "baselines"], 90), ("odt", ["odt"], 6)]
     for name, dirs, count in tables:
-        start, end = f"<!-- report:{name} -->\n", f"<!-- /report:{name} -->"
-        committed = readme[readme.index(start) + len(start) : readme.index(end)]
         records, not_used = find_runs([runs / d for d in dirs])
         assert len(records) == count and not not_used, name
-        assert to_markdown(build_report(records, not_used)) == committed, name
+        markdown = to_markdown(build_report(records, not_used))
+        assert markdown == between(results, name), name
+        if name == "paper-table":
+            paragraphs = markdown.split("\n\n")  # the per-dataset table, ..., the IQM table
+            assert paragraphs[4].startswith("| algo | tasks | runs | IQM")
+            assert between(readme, "paper-table-headline") == paragraphs[0] + "\n\n" + paragraphs[4] + "\n"
 
 
 def test_the_report_goes_to_one_offline_wandb_run(sweep, tmp_path):

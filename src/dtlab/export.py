@@ -6,7 +6,7 @@ baked in. Inputs: `observations` [B, K, obs_dim] float32 (raw), `actions` [B, K,
 float32, `returns_to_go` [B, K] float32 (raw return units), `timesteps` [B, K] int64, `mask`
 [B, K] bool (True at real steps; windows left-padded); B any; output `action` [B, act_dim].
 The metadata (env id, dims, K, reward scale, timestep table, the training data's returns,
-dtlab version) goes beside it as `<out>.json`. See the README for running it with
+dtlab version) goes beside it as `<out>.json`. See docs/export.md for running it with
 onnxruntime alone.
 """
 

@@ -15,7 +15,7 @@ onnxruntime at one torch thread, how sweeps run their jobs side by side. At more
 forked process of its own at one torch thread, so auto is onnxruntime there too. Threads of
 one process could not do that: the step loop's Python holds the GIL, and a two-thread rollout
 in threads ran at only 0.96-1.40x eager's two-thread one at 2 x 10 envs (three quiet runs on
-the README's K=5 checkpoint); in processes at 1.40-2.08x (four runs; benchmarks/README.md).
+the results' K=5 HalfCheetah medium checkpoint); in processes at 1.40-2.08x (four runs; docs/notes.md).
 In one process no exact backend can give much more than eager: the model's matrix products,
 which every backend still computes, are ~80% of eager's model time, and the envs ~20% of the
 rollout (`bound` in the benchmark); ONNX Runtime ran at 1.06-1.13x eager's env steps/s at one

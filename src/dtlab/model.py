@@ -48,7 +48,7 @@ class DTConfig:
     action_head: str = "deterministic"
     # The paper's timestep embedding: a learned table of max_ep_len rows added to every token.
     # False: none. On a few dozen episodes the table lets the model fit each training episode's
-    # actions by their time instead of by their states (benchmarks/README.md#return-conditioning).
+    # actions by their time instead of by their states (docs/notes.md#return-conditioning).
     timestep_embedding: bool = True
     # The initialisation. "reference": the DT reference code's (kzl/decision-transformer): its
     # GPT-2 blocks at GPT-2's rule (weights N(0, 0.02), biases 0, LayerNorms 1 and 0, no scaling
@@ -58,7 +58,7 @@ class DTConfig:
     # every layer at GPT-2's rule and the residual projections at 0.02 / sqrt(2 n_layer). With
     # "gpt2" the return token LayerNorm(w R + b + e_t) starts nearly the same vector for every
     # R > 0 (b = 0, w and e_t small), so the model starts blind to its return
-    # (benchmarks/README.md#return-conditioning).
+    # (docs/notes.md#return-conditioning).
     init: str = "gpt2"
     # Before `init` existed: "torch" put the return embedding alone at PyTorch's default on top
     # of "gpt2" (the first run's recipe then). Kept so that such checkpoints and configs load

@@ -291,7 +291,7 @@ def _in_processes(
 ) -> list[dict]:
     """run(group) for each group, each in a forked process of its own, side by side: the results
     in order; `waiting()` is called a few times a second until all have arrived. Threads of one
-    process measured slower (the step loop's Python holds the GIL: benchmarks/README.md);
+    process measured slower (the step loop's Python holds the GIL: docs/notes.md);
     forked, each process has the policy, built once, without pickling it, and sends back only
     its group's returns and lengths."""
     fork = multiprocessing.get_context("fork")

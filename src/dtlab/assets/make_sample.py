@@ -15,7 +15,7 @@ import datasets
 import pyarrow.parquet as pq
 
 # Until 0.2.0: 18 and 12. A DT trained on 12 expert episodes stood still or flipped in about
-# half of its episodes asked for the expert's return (benchmarks/README.md#return-conditioning).
+# half of its episodes asked for the expert's return (docs/notes.md#return-conditioning).
 MEDIUM, EXPERT = 12, 38
 # Byte-stream-split floats and zstd: the same values and schema in ~2/3 of the bytes, so that
 # 50 episodes fit the sample's 4 MB
