@@ -217,6 +217,12 @@ CASES = {
         "eval.seed=10010 gives in-training env seeds 10010-10013, which overlap the reporting seeds 10000-10019 "
         "(eval.report_seed=10000)",
     ),
+    "preset_without_its_data_dir": (
+        "train",
+        ["experiment=hopper-mixed"],
+        2,
+        "config: data_dir is missing: give data_dir=PATH, the folder of the datasets' Parquet files",
+    ),
     "development_seeds_overlap_reporting": (
         "train",
         ["eval.dev_seed=10002"],

@@ -79,13 +79,16 @@ PRESETS = sorted(
 
 @pytest.mark.parametrize(("group", "option"), PRESETS, ids=[f"{g}={o}" for g, o in PRESETS])
 def test_every_value_of_every_multirun_preset_composes(make_cfg, group, option):
-    params = make_cfg(f"{group}={option}").hydra.sweeper.params
+    base = make_cfg(f"{group}={option}")
+    params = base.hydra.sweeper.params
     assert params
+    # the sweeps over shared-data presets require their data folder (data_dir: ???)
+    data_dir = ["++data_dir=/data"]
     for key, value in params.items():
         values = sweep_values(key, str(value))
         assert values, key
         for v in values:
-            cfg = make_cfg(f"{group}={option}", f"{key}={v}")
+            cfg = make_cfg(f"{group}={option}", f"{key}={v}", *data_dir)
             check_config(cfg, TrainConfig)
             assert set(hub_names(cfg)) <= HUB_CONFIGS, (key, v)
 

@@ -58,7 +58,9 @@ def test_groups_exist():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_config_composes_and_instantiates(make_cfg, group, option):
-    cfg = make_cfg(f"{group}={option}", *NEEDS.get((group, option), []))
+    # the dataset presets and their sweeps require their data folder (data_dir: ???); nothing here reads it
+    data_dir = ["++data_dir=/data"] if group in ("experiment", "sweep") else []
+    cfg = make_cfg(f"{group}={option}", *NEEDS.get((group, option), []), *data_dir)
     if (group, option) == ("env", "from_dataset"):
         return  # resolving it reads a Minari dataset: instantiated in tests/test_sources.py
     check_config(cfg, TrainConfig)  # every shipped config passes the schema

@@ -239,8 +239,17 @@ def check_loader_keys(dataset: DictConfig, prefix: str = "dataset") -> None:
                 check_loader_keys(sub, f"{prefix}.sources.{source}")
 
 
+# Top-level keys a preset requires (`???`), and what to give for them
+REQUIRED = {
+    "data_dir": "the folder of the datasets' Parquet files (docs/data.md says how to get or rebuild them)",
+}
+
+
 def check_config(cfg: DictConfig, schema: type[BaseModel] = TrainConfig) -> None:
     """Raise DTLabError naming the first key of `cfg` that `schema` does not allow."""
+    for key, what in REQUIRED.items():
+        if OmegaConf.is_missing(cfg, key):  # (`key in cfg` is False for a ??? value)
+            raise DTLabError(f"config: {key} is missing: give {key}=PATH, {what}")
     groups = {}
     for name in schema.model_fields:
         if name in cfg:
