@@ -109,3 +109,21 @@ def test_every_recipe_composes_and_names_its_behaviours(make_cfg):
         if not cfg.get("unavailable"):
             paths = [b.path for b in cfg.behaviours]
             assert all(p == "random" or p.startswith("/agents/") and p.endswith("-v3.zip") for p in paths), name
+
+
+def test_a_collected_dataset_is_also_a_minari_dataset(make_cfg, tmp_path, monkeypatch, request):
+    pytest.importorskip("minari")
+    from dtlab.data import _minari_env, load_minari, minari_env
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    _minari_env.cache_clear()  # an env read from another store must not answer for this one...
+    request.addfinalizer(_minari_env.cache_clear)  # ...nor this store's for later tests
+    out = tmp_path / "hopper-random.parquet"
+    args = ("policy=random", "episodes=4", "minari=true", f"out={out}")
+    collect(make_cfg(*HOPPER, *args, config="collect"))
+    parquet = episodes_from_dataset(load_local(str(out)))
+    minari = episodes_from_dataset(load_minari("dtlab/hopper-random-v0"))  # read back through dataset=minari's loader
+    np.testing.assert_array_equal(minari.lengths, parquet.lengths)
+    np.testing.assert_allclose(minari.observations, parquet.observations, rtol=1e-6)
+    np.testing.assert_allclose(minari.returns, parquet.returns, rtol=1e-5)
+    assert minari_env("dtlab/hopper-random-v0")["ref_max_score"] == pytest.approx(3234.3)

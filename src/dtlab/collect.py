@@ -12,8 +12,9 @@ clipped to the action space; `behaviours` lists several with their `share` of th
 mixture, conf/recipe/*.yaml). Each behaviour's episodes run at once in vector envs through the
 evaluation's rollout (dtlab.rollout), env seeds `seed` on, one after another. `dones` holds true
 terminations only (a fall), never the time limit. Beside the file goes `datasets.json`: each
-dataset's behaviour, seed and return statistics (`../shared/data/datasets.json`'s form).
-Load it back with `dataset=local dataset.path=FILE`.
+dataset's behaviour, seed and return statistics (`../shared/data/datasets.json`'s form);
+with `minari=true` (the `minari` extra) also a local Minari dataset `dtlab/<name>-v0`. Load it
+back with `dataset=local dataset.path=FILE` (or `dataset=minari dataset.name=dtlab/<name>-v0`).
 """
 
 from __future__ import annotations
@@ -272,6 +273,7 @@ def collect(cfg: DictConfig) -> Path:
         k: np.concatenate([p[k][i, :n] for p in parts for i, n in enumerate(p["alive"].sum(axis=1))])
         for k in ("observations", "actions", "rewards", "terminated")
     }
+    finals = np.concatenate([p["final_observations"] for p in parts])  # (episodes, obs_dim)
     dataset = episodes_to_dataset(flat["observations"], flat["actions"], flat["rewards"], flat["terminated"], lengths)
     dataset.to_parquet(str(out))
     returns = np.add.reduceat(flat["rewards"].astype(np.float64), np.concatenate([[0], np.cumsum(lengths)[:-1]]))
@@ -294,6 +296,8 @@ def collect(cfg: DictConfig) -> Path:
     table = json.loads(index.read_text()) if index.is_file() else {}
     table[cfg.name or out.stem] = stats
     index.write_text(json.dumps(table, indent=2))
+    if cfg.minari:
+        write_minari(flat, lengths, finals, env, cfg.name or out.stem, int(cfg.seed))
     print(
         f"wrote {out}: {stats['episodes']} episodes, {stats['transitions']} steps, return "
         f"{stats['return_mean']:.0f} +- {stats['return_std']:.0f} ({stats['return_min']:.0f} .. "
@@ -314,6 +318,49 @@ def behaviour_label(spec: Mapping) -> str:
         name = Path(path).name
     label = f"{name}@{spec.get('noise', 0.0):g}"
     return label + (f"+eps{spec['epsilon']:g}" if spec.get("epsilon") else "")
+
+
+def write_minari(flat: dict, lengths: np.ndarray, finals: np.ndarray, env: Mapping, name: str, seed: int) -> str:
+    """The same episodes as a local Minari dataset `dtlab/<name>-v0` (the minari extra), with the
+    env's D4RL reference scores; returns its id. Minari holds T + 1 observations an episode:
+    the T acted from, and the one it ended in."""
+    try:
+        import minari
+        from minari.data_collector import EpisodeBuffer
+    except ImportError:
+        raise DTLabError("minari=true needs the minari extra: pip install 'dtlab[minari]'") from None
+    buffers, start = [], 0
+    for i, n in enumerate(lengths):
+        end = start + int(n)
+        last = np.zeros(int(n), dtype=bool)
+        last[-1] = True
+        terminal = bool(flat["terminated"][end - 1])
+        buffers.append(
+            EpisodeBuffer(
+                id=i,
+                seed=seed + i,
+                observations=np.concatenate([flat["observations"][start:end], finals[i][None]]),
+                actions=flat["actions"][start:end],
+                rewards=flat["rewards"][start:end],
+                terminations=last & terminal,
+                truncations=last & (not terminal),
+                infos={},
+            )
+        )
+        start = end
+    dataset_id = f"dtlab/{name}-v0"
+    if dataset_id in minari.list_local_datasets():
+        minari.delete_dataset(dataset_id)
+    minari.create_dataset_from_buffers(
+        dataset_id,
+        buffers,
+        env=gym.make(env["id"], max_episode_steps=int(env["max_episode_steps"])),
+        algorithm_name="dtlab-collect",
+        ref_min_score=env.get("ref_min_score"),
+        ref_max_score=env.get("ref_max_score"),
+    )
+    log.info("wrote the Minari dataset %s", dataset_id)
+    return dataset_id
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="collect")

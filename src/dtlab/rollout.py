@@ -149,7 +149,8 @@ def rollout(
     length_mean, episodes}, ...]}, plus "frames" (one list of RGB frames per target, from its
     first episode, at most `video_frames` long) when video_frames > 0, and "trajectories"
     (raw observations, actions, rewards, the steps each env was alive and the step it
-    terminated at, if it did, as arrays [N, T, ...]) when `record`. `backend`: how the model
+    terminated at, if it did, as arrays [N, T, ...], and "final_observations" [N, obs_dim],
+    where each episode ended) when `record`. `backend`: how the model
     runs (dtlab.inference: eager, jit, onnxruntime, or auto, the fastest exact one here), built
     once for this rollout.
     `workers` > 1 splits the envs into that many groups, each stepped with its own model calls
@@ -377,6 +378,7 @@ def _episodes(
     frames: list[list[np.ndarray]] = [[] for _ in frame_envs]
     trajectories = {"observations": [], "actions": [], "rewards": [], "alive": [], "terminated": []}
     low, high = envs.single_action_space.low, envs.single_action_space.high
+    final_observations = np.zeros((n, model.config.state_dim))  # where each episode ended (record)
 
     try:
         obs, _ = envs.reset(seed=seeds)
@@ -404,6 +406,8 @@ def _episodes(
                     trajectories[key].append(value)
             received += np.where(alive, reward, 0.0)
             lengths += alive
+            ended = alive & (terminated | truncated)
+            final_observations[ended] = next_obs[ended]  # the vector env resets them at the next step
             alive &= ~(terminated | truncated)
             obs = next_obs
             if on_step is not None:
@@ -415,6 +419,7 @@ def _episodes(
     out = {"received": received, "lengths": lengths, "frames": frames}
     if record:
         out["trajectories"] = {k: np.stack(v, axis=1) for k, v in trajectories.items()}
+        out["trajectories"]["final_observations"] = final_observations  # (N, obs_dim)
     return out
 
 
