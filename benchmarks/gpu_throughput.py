@@ -20,8 +20,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from train_throughput import timed_fit  # the script beside this one
 
-from dtlab.data import load_episodes, load_local
+from dtlab.data import load_episodes, load_sample
 from dtlab.datamodule import TrajectoryDataModule
 from dtlab.module import DTModule
 from dtlab.policy import Policy
@@ -30,26 +31,6 @@ from dtlab.rollout import rollout
 ENV = {"id": "HalfCheetah-v5", "obs_dim": 17, "act_dim": 6, "ref_min_score": -280.178953, "ref_max_score": 12135.0}
 TARGETS = [6000.0, 12000.0]  # the env's paper targets
 MAX_EP_LEN, SCALE = 1000, 0.001
-
-
-class _StepTimer(L.Callback):
-    """Wall time of the steps after `warmup` (CUDA synchronised, so queued kernels count)."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end = warmup, 0.0, 0.0
-
-    def _now(self) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.warmup:
-            self.start = self._now()
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step >= trainer.max_steps:
-            self.end = self._now()
 
 
 def main() -> None:
@@ -69,26 +50,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     L.seed_everything(0, verbose=False)
-    data = TrajectoryDataModule(load_episodes(load_local, 17, 6), MAX_EP_LEN, 20, args.batch, SCALE, val_fraction=0.0)
+    data = TrajectoryDataModule(load_episodes(load_sample, 17, 6), MAX_EP_LEN, 20, args.batch, SCALE, val_fraction=0.0)
     data.setup()
     # the paper's model size (DTModule's defaults: 3 layers, 128 dims, 1 head, K=20)
     module = DTModule(ENV["id"], 17, 6, MAX_EP_LEN, data.state_mean.tolist(), data.state_std.tolist(), SCALE)
-    timer = _StepTimer(args.warmup)
-    trainer = L.Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu",
-        devices=1,
-        precision=args.precision,
-        max_steps=args.warmup + args.steps,
-        gradient_clip_val=0.25,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[timer],
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    seconds = timed_fit(
+        module, data, args.steps, args.warmup, accelerator=accelerator, devices=1, precision=args.precision
     )
-    trainer.fit(module, datamodule=data)
-    samples_per_s = args.steps * args.batch / (timer.end - timer.start)
+    samples_per_s = args.steps * args.batch / seconds
     print(f"training: {samples_per_s:.0f} samples/s ({args.steps} steps of {args.batch}, {args.precision})")
 
     device = torch.device(args.device)

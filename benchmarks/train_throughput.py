@@ -105,18 +105,46 @@ def baseline(path: str, steps: int, warmup: int, seed: int) -> float:
     return steps * BATCH / (time.perf_counter() - start)
 
 
-class _StepTimer(L.Callback):
-    """Wall time from the first timed batch on, skipping `warmup` steps."""
+class StepTimer(L.Callback):
+    """Wall time of the steps after `warmup` (CUDA synchronised where there is CUDA, so that
+    queued kernels count)."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.start, self.end = warmup, 0.0, 0.0
 
+    def _now(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
+            self.start = self._now()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        self.end = time.perf_counter()
+        if trainer.global_step >= trainer.max_steps:
+            self.end = self._now()
+
+
+def timed_fit(
+    module: L.LightningModule, datamodule: L.LightningDataModule, steps: int, warmup: int, **trainer
+) -> float:
+    """Seconds that `steps` training steps took after `warmup` more, under the Trainer as
+    dtlab.train runs it (gradient clipping) with no logging, checkpoints or validation.
+    `trainer`: more Trainer arguments (accelerator, devices, precision)."""
+    timer = StepTimer(warmup)
+    L.Trainer(
+        max_steps=warmup + steps,
+        gradient_clip_val=0.25,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+        **trainer,
+    ).fit(module, datamodule=datamodule)
+    return timer.end - timer.start
 
 
 def dtlab_run(path: str, steps: int, warmup: int, seed: int) -> dict:
@@ -127,20 +155,7 @@ def dtlab_run(path: str, steps: int, warmup: int, seed: int) -> dict:
     )
     dm.setup()
     module = DTModule("HalfCheetah-v5", OBS, ACT, MAX_EP_LEN, dm.state_mean.tolist(), dm.state_std.tolist(), SCALE)
-    timer = _StepTimer(warmup)
-    trainer = L.Trainer(
-        max_steps=warmup + steps,
-        accelerator="cpu",
-        gradient_clip_val=0.25,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[timer],
-    )
-    trainer.fit(module, datamodule=dm)
-    samples_per_s = steps * BATCH / (timer.end - timer.start)
+    samples_per_s = steps * BATCH / timed_fit(module, dm, steps, warmup, accelerator="cpu")
 
     start = time.perf_counter()
     for step in range(steps):  # the loader yields step numbers; the data module draws their batches
