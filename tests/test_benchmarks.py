@@ -1,4 +1,4 @@
-"""The benchmark scripts that can run without ../shared: each as a user runs it, in seconds."""
+"""The benchmark scripts that need none of the shared datasets: each as a user runs it, in seconds."""
 
 import json
 import subprocess

@@ -266,17 +266,20 @@ def collect(cfg: DictConfig) -> Path:
         result = rollout(
             policy, env, [target], n, seed=seed, record=True, backend="eager", workers=1, vector_mode=cfg.vector_mode
         )
-        parts.append(result["trajectories"])
+        parts.append(result)
         seed += n
-    lengths = np.concatenate([p["alive"].sum(axis=1) for p in parts])
+    # each episode as the rollout scored it: its length and return, and its steps cut there
+    episodes = [e for p in parts for e in p["episodes"]]
+    lengths = np.array([e["length"] for e in episodes])
+    returns = np.array([e["return"] for e in episodes])
+    recorded = [(p["trajectories"], i, e["length"]) for p in parts for i, e in enumerate(p["episodes"])]
     flat = {
-        k: np.concatenate([p[k][i, :n] for p in parts for i, n in enumerate(p["alive"].sum(axis=1))])
+        k: np.concatenate([t[k][i, :n] for t, i, n in recorded])
         for k in ("observations", "actions", "rewards", "terminated")
     }
-    finals = np.concatenate([p["final_observations"] for p in parts])  # (episodes, obs_dim)
+    finals = np.concatenate([p["trajectories"]["final_observations"] for p in parts])  # (episodes, obs_dim)
     dataset = episodes_to_dataset(flat["observations"], flat["actions"], flat["rewards"], flat["terminated"], lengths)
     dataset.to_parquet(str(out))
-    returns = np.add.reduceat(flat["rewards"].astype(np.float64), np.concatenate([[0], np.cumsum(lengths)[:-1]]))
     stats = {
         "env_id": env["id"],
         "episodes": len(lengths),
