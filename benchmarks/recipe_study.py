@@ -48,6 +48,10 @@ VARIANTS: dict[str, list[str]] = {
     "nodrop-K20": ["model.dropout=0.0", "model.context_length=20"],
     "notime-nodrop-lr1e-3": ["++model.timestep_embedding=false", "model.dropout=0.0", "model.learning_rate=1.0e-3"],
     "notime-nodrop-b128": ["++model.timestep_embedding=false", "model.dropout=0.0", "data.batch_size=128"],
+    "notime-nodrop-lr3e-4": ["++model.timestep_embedding=false", "model.dropout=0.0", "model.learning_rate=3.0e-4"],
+    "notime-nodrop-K20": ["++model.timestep_embedding=false", "model.dropout=0.0", "model.context_length=20"],
+    # the budget: 3x the preset's steps (the cosine schedule stretched over them)
+    "notime-nodrop-12k": ["++model.timestep_embedding=false", "model.dropout=0.0", "trainer.max_steps=12000"],
     # the baselines, for BC's training rule (run once on this code and once on the code before it)
     # (their return-conditioning curve is flat by construction: the paper's two targets suffice)
     "bc": ["algo=bc", "target_return=paper"],
