@@ -129,6 +129,11 @@ def summarize_run(run_dir: Path) -> dict:
     }
 
 
+def variant_of(sweep_name: str) -> str:
+    """The variant a sweep dir ran: its name less the --suffix (e.g. notime-nodrop-K20-s101)."""
+    return max((v for v in VARIANTS if sweep_name == v or sweep_name.startswith(f"{v}-")), key=len, default=sweep_name)
+
+
 def summarize(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +144,10 @@ def summarize(args: argparse.Namespace) -> None:
             continue
         path = out / f"{sweep.name}.json"
         path.write_text(
-            json.dumps({"variant": sweep.name, "overrides": VARIANTS.get(sweep.name), "runs": runs}, indent=1)
+            json.dumps(
+                {"variant": variant_of(sweep.name), "overrides": VARIANTS.get(variant_of(sweep.name)), "runs": runs},
+                indent=1,
+            )
         )
         for r in runs:
             cal = r["calibration"]
