@@ -161,14 +161,15 @@ def test_the_default_recipe_is_dropped_whole_by_choosing_another_model(make_cfg)
         cfg = make_cfg(f"model={other}")
         assert cfg.model.get("timestep_embedding", True) and cfg.data.reward_scale == 0.001  # the paper's
     # the recipe follows the data: it is the sample's, and any other data gets the paper's model
-    for data in (
-        ("dataset=local", "dataset.path=x.parquet"),
-        ("dataset=hub/hopper-medium",),
-        ("experiment=hopper-mixed",),
-    ):
+    for data in (("dataset=local", "dataset.path=x.parquet"), ("dataset=hub/hopper-medium",)):
         cfg = make_cfg(*data)
         assert (cfg.model.init, cfg.model.dropout, cfg.data.reward_scale) == ("reference", 0.1, 0.001), data
         assert cfg.model.get("timestep_embedding", True), data
+    # ... or the presets' (the recipe study's winner): the paper's model at the reference init and
+    # reward scale, without the timestep table and dropout
+    preset = make_cfg("experiment=hopper-mixed")
+    assert (preset.model.init, preset.model.dropout, preset.data.reward_scale) == ("reference", 0.0, 0.001)
+    assert preset.model.timestep_embedding is False
     assert make_cfg("model=cpu", "dataset=local", "dataset.path=x.parquet").data.reward_scale == 0.0001  # if asked
 
 
