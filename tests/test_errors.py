@@ -257,8 +257,14 @@ CASES = {
         "train",
         ["algo=odt", "online.seed=10002"],
         2,
-        "online.seed=10002 gives exploration env seeds 10002-10011, which overlap the final evaluation's seeds "
-        "10000-10003 (eval.report_seed): keep the ranges apart",
+        "online.seed=10002 gives exploration env seeds 10002-10011, which overlap the reporting seeds "
+        "10000-10003 (eval.report_seed=10000): keep the ranges apart",
+    ),
+    "exploration_seeds_overlap_development": (
+        "train",
+        ["algo=odt", "eval.dev_seed=100005"],
+        2,
+        "online.seed=100000 gives exploration env seeds 100000-100009, which overlap the development seeds",
     ),
     "export_without_checkpoint": ("export", [], 2, "give ckpt_path=PATH: the dtlab checkpoint to export"),
     "evaluate_zero_episodes": ("evaluate", [f"ckpt_path={CKPT}", "eval.episodes=0"], 2, "eval.episodes=0 is not"),

@@ -26,7 +26,8 @@ from dtlab.cli import (  # noqa: F401 - CheckOutputDir: 0.1 configs name it here
 from dtlab.config import TrainConfig, check_config
 from dtlab.data import check_context_length, check_episode_lengths, format_report, load_episodes, minari_env
 from dtlab.policy import check_timesteps
-from dtlab.rollout import check_env, check_exploration_seeds, check_seed_ranges, format_summary, resolve_targets
+from dtlab.protocol import check_seed_ranges, format_summary, resolve_targets
+from dtlab.rollout import check_env
 
 log = logging.getLogger(__name__)
 # env=from_dataset reads the env config out of a Minari dataset
@@ -60,17 +61,20 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     warn_if_d4rl_in_v5(cfg.dataset.get("_target_"), cfg.env.id)
     targets = resolve_targets(cfg.target_return, episodes.returns)
     final_targets = resolve_targets(cfg.target_return, episodes.returns, final=True)
-    e = cfg.eval
+    e, o = cfg.eval, cfg.get("online")
+    explore = None
+    if o is not None:
+        explore = (f"online.seed={o.seed}", range(o.seed, o.seed + o.rounds * o.trajectories_per_round))
     check_seed_ranges(
-        len(targets), e.seed, e.episodes, len(final_targets), e.report_seed, e.final_episodes, e.get("dev_seed")
+        len(targets),
+        e.seed,
+        e.episodes,
+        len(final_targets),
+        e.report_seed,
+        e.final_episodes,
+        e.get("dev_seed"),
+        explore,
     )
-    if cfg.get("online") is not None:
-        o = cfg.online
-        check_exploration_seeds(
-            range(o.seed, o.seed + o.rounds * o.trajectories_per_round),
-            range(e.seed, e.seed + len(targets) * e.episodes),
-            range(e.report_seed, e.report_seed + len(final_targets) * e.final_episodes),
-        )
     check_checkpoints_dir(cfg)
     check_devices(cfg.trainer)
     ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.checkpoints_dir)
