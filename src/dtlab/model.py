@@ -398,5 +398,5 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-# The policy networks DTModule can train (its `policy` argument); the rollout calls any of them.
+# The policy networks PolicyModule can train (its `policy` argument); the rollout calls any of them.
 POLICIES = {"dt": DecisionTransformer, "mlp_bc": MLPBC}

@@ -1,10 +1,12 @@
-"""DTModule: a policy network as a Lightning system (loss, optimizer, schedule, logging): the
-Decision Transformer, or the behaviour-cloning MLP trained the same way (`policy`); with
+"""PolicyModule: any policy network as a Lightning system (loss, optimizer, schedule, logging):
+the Decision Transformer, or the behaviour-cloning MLP trained the same way (`policy`); with
 `action_head="gaussian"`, the Online Decision Transformer's stochastic policy, trained by
-likelihood under an entropy constraint with a learned temperature.
+likelihood under an entropy constraint with a learned temperature. `DTModule`, its name while
+it trained the DT alone, stays an alias: checkpoints and configs written before name it
+(`_target_: dtlab.module.DTModule`) and keep loading.
 
 Everything a policy needs travels in the checkpoint (state mean/std, reward scale, K, env id
-and dims), so `DTModule.load_from_checkpoint(path)` alone gives a working `act()`.
+and dims), so `PolicyModule.load_from_checkpoint(path)` alone gives a working `act()`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dtlab.policy import Policy, check_timesteps, windows
 ACTION_EPS = 1e-6
 
 
-class DTModule(L.LightningModule):
+class PolicyModule(L.LightningModule):
     def __init__(
         self,
         env_id: str,
@@ -310,3 +312,8 @@ class DTModule(L.LightningModule):
             return policy.act(window)[0].cpu().numpy()
         finally:
             self.model.train(training)
+
+
+# The name checkpoints, configs (`_target_: dtlab.module.DTModule`) and code written before the
+# rename use
+DTModule = PolicyModule

@@ -1,7 +1,7 @@
 """What a Decision Transformer sees, built in one place: normalized states, scaled
 returns-to-go, the left-padded K-step window, and `Policy`, a model with its normalization.
 
-Training windows (`dtlab.data.WindowSampler`), rollouts (`dtlab.rollout`) and `DTModule.act`
+Training windows (`dtlab.data.WindowSampler`), rollouts (`dtlab.rollout`) and `PolicyModule.act`
 all call these functions, so no convention (normalization, scaling, padding, timesteps) can
 differ between what the model was trained on and what it is shown when it acts.
 No gymnasium, MuJoCo or Lightning here: weight conversion (`dtlab.hf`) imports this module.
@@ -96,7 +96,7 @@ class Policy:
 
     @classmethod
     def from_module(cls, module: torch.nn.Module) -> Policy:
-        """From a DTModule (fresh, or from `DTModule.load_from_checkpoint`)."""
+        """From a PolicyModule (fresh, or from `PolicyModule.load_from_checkpoint`)."""
         return cls(module.model, module.state_mean, module.state_std, module.reward_scale)
 
     @property

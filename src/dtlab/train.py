@@ -35,7 +35,7 @@ OmegaConf.register_new_resolver("minari_env", minari_env, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit a DTModule as `cfg` says; returns the final metrics (train/*, val/*, eval/*). The
+    """Fit a PolicyModule as `cfg` says; returns the final metrics (train/*, val/*, eval/*). The
     run dir is locked meanwhile (dtlab.lock): a second run there refuses to start."""
     check_config(cfg, TrainConfig)
     held = lock.acquire(cfg.paths.output_dir)
