@@ -392,9 +392,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 decay.append(p)
             else:
                 no_decay.append(p)
+    # named, so that PolicyModule gives each group its schedule by what it holds
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
 
 

@@ -253,7 +253,9 @@ class PolicyModule(L.LightningModule):
             # Adam, and Adam's update is per parameter, so this is the reference's separate
             # Adam(lr=temperature_lr) exactly, while Lightning keeps its automatic optimization
             # (one optimizer, one scheduler, clipping, checkpoints) for every algorithm.
-            groups.append({"params": [self.log_alpha], "weight_decay": 0.0, "lr": hp.temperature_lr})
+            groups.append(
+                {"name": "temperature", "params": [self.log_alpha], "weight_decay": 0.0, "lr": hp.temperature_lr}
+            )
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
         warmup, total = max(hp.warmup_steps, 1), self.trainer.max_steps if self.trainer else -1
 
@@ -264,8 +266,10 @@ class PolicyModule(L.LightningModule):
                 return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
             return 1.0
 
-        # the policy's schedule; the temperature's rate stays constant (the reference's too)
-        factors = factor if len(groups) == 2 else [factor, factor, lambda step: 1.0]
+        # Each group's schedule by its name: the temperature's rate stays constant (the reference's
+        # too), every group of the policy's, however many it has, follows the policy's schedule.
+        constant = {"temperature": lambda step: 1.0}
+        factors = [constant.get(g.get("name"), factor) for g in groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
