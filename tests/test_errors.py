@@ -266,6 +266,13 @@ CASES = {
         2,
         "online.seed=100000 gives exploration env seeds 100000-100009, which overlap the development seeds",
     ),
+    # a model without a timestep table takes any horizon: the run gets past the table's check to the next
+    "no_timestep_table_any_horizon": (
+        "train",
+        ["++model.timestep_embedding=false", "env.max_episode_steps=1001", "ckpt_path={inputs}/nope.ckpt"],
+        2,
+        "nope.ckpt' does not exist",
+    ),
     "export_without_checkpoint": ("export", [], 2, "give ckpt_path=PATH: the dtlab checkpoint to export"),
     "evaluate_zero_episodes": ("evaluate", [f"ckpt_path={CKPT}", "eval.episodes=0"], 2, "eval.episodes=0 is not"),
     "evaluate_missing_checkpoint": ("evaluate", ["ckpt_path={inputs}/nope.ckpt"], 2, "does not exist: give"),

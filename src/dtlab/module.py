@@ -296,8 +296,10 @@ class PolicyModule(L.LightningModule):
             raise DTLabError(f"act: returns_to_go and timesteps must have shape [{T}]")
         if T == 0 or np.min(timesteps) < 0:
             raise DTLabError("act: give at least one step, with timesteps >= 0 (the step within the episode)")
-        check_timesteps(int(np.max(timesteps)), hp.max_ep_len, "act: timesteps", "pass timesteps within the table")
         policy = Policy.from_module(self)
+        check_timesteps(
+            int(np.max(timesteps)), policy.timestep_rows, "act: timesteps", "pass timesteps within the table"
+        )
         K = hp.context_length
         first = max(T - K, 0)  # the window: the last K steps of the history, left-padded
         window = windows(

@@ -137,7 +137,7 @@ def rollout(
     model = policy.model
     max_steps = int(env["max_episode_steps"])
     fix = f"evaluate at most {policy.max_ep_len} steps"
-    check_timesteps(max_steps - 1, policy.max_ep_len, f"env.max_episode_steps={max_steps}", fix)
+    check_timesteps(max_steps - 1, policy.timestep_rows, f"env.max_episode_steps={max_steps}", fix)
     targets = [float(t) for t in targets]
     n = len(targets) * episodes
     if vector_mode not in ("sync", "async"):

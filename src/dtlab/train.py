@@ -57,7 +57,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     episodes = load_episodes(instantiate(cfg.dataset), cfg.env.obs_dim, cfg.env.act_dim, action_bounds)
     check_episode_lengths(episodes, cfg.data.max_ep_len)
     horizon = cfg.env.max_episode_steps
-    check_timesteps(horizon - 1, cfg.data.max_ep_len, f"env.max_episode_steps={horizon}", "shorten the evaluations")
+    # the table's rows, None for a model without one (PolicyModule's defaults: dt, with a table)
+    table = cfg.model.get("timestep_embedding", True) and cfg.model.get("policy", "dt") == "dt"
+    rows = cfg.data.max_ep_len if table else None
+    check_timesteps(horizon - 1, rows, f"env.max_episode_steps={horizon}", "shorten the evaluations")
     warn_if_d4rl_in_v5(cfg.dataset.get("_target_"), cfg.env.id)
     targets = resolve_targets(cfg.target_return, episodes.returns)
     final_targets = resolve_targets(cfg.target_return, episodes.returns, final=True)
