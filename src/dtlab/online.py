@@ -27,7 +27,7 @@ import torch
 from dtlab import DTLabError
 from dtlab.data import EXPLORATION, Episodes, stream_seed
 from dtlab.policy import Policy
-from dtlab.protocol import resolve_targets
+from dtlab.protocol import exploration_seeds, resolve_targets
 from dtlab.rollout import rollout
 
 log = logging.getLogger(__name__)
@@ -180,9 +180,11 @@ class OnlineFinetuning(L.Callback):
     the fit when that is step 0), after that step's evaluation, so every evaluation scores
     weights trained on the env steps it reports. The run trains `pretrain_steps + rounds *
     updates_per_round` steps in all (dtlab.train sets trainer.max_steps). Round r's envs have
-    seeds `seed + r * n .. seed + (r + 1) * n - 1` (n trajectories a round; a range apart from
-    the evaluations'), its action noise the stream (run seed, step, EXPLORATION).
-    `trajectories_per_round=0` collects nothing: the offline-only control, trained on the
+    seeds `start + r * n .. start + (r + 1) * n - 1`, n trajectories a round, from `start` =
+    `seed` + run seed x rounds x n on (dtlab.protocol.exploration_seeds: each run seed a block of
+    its own, apart from the evaluations' ranges; with `per_run_seeds=False`, `start` = `seed`
+    for every run seed, as before that existed); its action noise the stream (run seed, step,
+    EXPLORATION). `collect=False` collects nothing: the offline-only control, trained on the
     buffer's offline episodes for the same steps.
 
     At the end of pretraining it saves `checkpoints/pretrained.ckpt` (a checkpoint like any,
@@ -205,6 +207,8 @@ class OnlineFinetuning(L.Callback):
         buffer_size: int = 1000,
         explore_return_multiple: float = 2.0,
         seed: int = 100_000,
+        collect: bool = True,
+        per_run_seeds: bool = True,
         checkpoints_dir: str = "checkpoints",
         vector_mode: str = "sync",
     ) -> None:
@@ -212,10 +216,12 @@ class OnlineFinetuning(L.Callback):
         self.pretrain_steps, self.rounds, self.updates_per_round = pretrain_steps, rounds, updates_per_round
         self.trajectories_per_round, self.buffer_size = trajectories_per_round, buffer_size
         self.explore_return_multiple, self.seed = explore_return_multiple, seed
+        self.collect, self.per_run_seeds = collect, per_run_seeds
         self.checkpoints_dir, self.vector_mode = Path(checkpoints_dir), vector_mode
         self.buffer: ReplayBuffer | None = None
         self.rounds_done, self.env_steps = 0, 0
         self.explore_return = float("nan")
+        self.explore_start: int | None = None  # round 0's first env seed (setup; a checkpoint's own when resumed)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if pl_module.config.action_head != "gaussian":
@@ -225,12 +231,15 @@ class OnlineFinetuning(L.Callback):
         self.buffer = ReplayBuffer.from_offline(datamodule.train, self.buffer_size)
         targets = resolve_targets(self.target_return, datamodule.episode_returns)
         self.explore_return = self.explore_return_multiple * max(targets)
+        run_seed = pl_module.hparams.seed if self.per_run_seeds else 0
+        self.explore_start = exploration_seeds(self.seed, run_seed, self.rounds, self.trajectories_per_round).start
 
     def state_dict(self) -> dict:
         return {
             "buffer": self.buffer.state_dict() if self.buffer is not None else None,
             "rounds_done": self.rounds_done,
             "env_steps": self.env_steps,
+            "explore_start": self.explore_start,
             "pretrained": str(self.checkpoints_dir / "pretrained.ckpt"),
         }
 
@@ -238,6 +247,9 @@ class OnlineFinetuning(L.Callback):
         if state_dict.get("buffer") is not None:
             self.buffer = ReplayBuffer.from_state_dict(state_dict["buffer"])
         self.rounds_done, self.env_steps = state_dict["rounds_done"], state_dict["env_steps"]
+        # A run goes on exploring from the seeds it began with; a checkpoint written before the
+        # seeds depended on the run seed began at online.seed whatever the run seed.
+        self.explore_start = state_dict.get("explore_start", self.seed)
         # Resumed into a new run dir: bring pretrained.ckpt along, for the final evaluation.
         old, new = Path(state_dict.get("pretrained") or ""), self.checkpoints_dir / "pretrained.ckpt"
         if old.is_file() and old.resolve() != new.resolve() and not new.exists():
@@ -266,7 +278,7 @@ class OnlineFinetuning(L.Callback):
         """Collect, relabel, add; the next steps train on the buffer. Returns what it logged."""
         r, n = self.rounds_done, self.trajectories_per_round
         metrics: dict[str, float] = {}
-        if n > 0:
+        if self.collect:
             trajectories = None
             if trainer.is_global_zero:
                 result = rollout(
@@ -274,7 +286,7 @@ class OnlineFinetuning(L.Callback):
                     self.env,
                     [self.explore_return],
                     n,
-                    seed=self.seed + r * n,
+                    seed=self.explore_start + r * n,
                     vector_mode=self.vector_mode,
                     record=True,
                     progress=False,
@@ -303,7 +315,7 @@ class OnlineFinetuning(L.Callback):
         collected = (
             f"mean return {metrics['online/collected_return_mean']:.0f}, "
             f"mean length {metrics['online/collected_length_mean']:.0f}"
-            if n
+            if self.collect
             else "nothing (the offline-only control)"
         )
         log.info(

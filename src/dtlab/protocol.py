@@ -62,6 +62,14 @@ def asks_for_targets(target_return: Mapping | None) -> bool:
 DEV_SEED = 20_000
 
 
+def exploration_seeds(seed: int, run_seed: int, rounds: int, trajectories_per_round: int) -> range:
+    """Online finetuning's env seeds (the episodes it trains on): a block of rounds x
+    trajectories_per_round seeds per run seed, `seed` on, so that the seeds of a sweep explore
+    from initial states of their own; round r takes the block's r-th trajectories_per_round."""
+    n = rounds * trajectories_per_round
+    return range(seed + run_seed * n, seed + (run_seed + 1) * n)
+
+
 def overlapping(ranges: Mapping[str, tuple[str, range]]) -> tuple[str, str] | None:
     """The first two of `ranges` ({setting: (role, env seeds)}, in order) that share a seed, or None."""
     names = list(ranges)
@@ -87,7 +95,7 @@ def check_seed_ranges(
     pick best.ckpt), reporting (the final evaluation's numbers), when `dev_seed` is set
     development (the final evaluation of a run that chooses something: a recipe study, a
     benchmark), and online finetuning's `exploration` (its setting, e.g. "online.seed=100000",
-    and its seeds), which are training data. A number measured on
+    and its seeds: exploration_seeds), which are training data. A number measured on
     episodes that chose something, or that were trained on, is no result. The final evaluation
     may have more targets (target_return=sweep)."""
     n_final = final_targets * final_episodes

@@ -23,10 +23,10 @@ from dtlab.cli import (  # noqa: F401 - CheckOutputDir: 0.1 configs name it here
     find_checkpoint,
     run_cli,
 )
-from dtlab.config import TrainConfig, check_config
+from dtlab.config import TrainConfig, check_config, check_retired
 from dtlab.data import check_context_length, check_episode_lengths, format_report, load_episodes, minari_env
 from dtlab.policy import check_timesteps
-from dtlab.protocol import check_seed_ranges, format_summary, resolve_targets
+from dtlab.protocol import check_seed_ranges, exploration_seeds, format_summary, resolve_targets
 from dtlab.rollout import check_env
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     final_targets = resolve_targets(cfg.target_return, episodes.returns, final=True)
     e, o = cfg.eval, cfg.get("online")
     explore = None
-    if o is not None:
-        explore = (f"online.seed={o.seed}", range(o.seed, o.seed + o.rounds * o.trajectories_per_round))
+    if o is not None and o.collect:
+        run_seed = cfg.seed if o.per_run_seeds else 0
+        setting = f"online.seed={o.seed}" + (f" at seed={run_seed}" if run_seed else "")
+        explore = (setting, exploration_seeds(o.seed, run_seed, o.rounds, o.trajectories_per_round))
     check_seed_ranges(
         len(targets),
         e.seed,
@@ -119,7 +121,13 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("online") is not None:  # after the evaluation callback: a round follows its step's evaluation
         env, target_return = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("env", "target_return"))
         callbacks.append(
-            instantiate(cfg.online, env=env, target_return=target_return, vector_mode=cfg.eval.vector_mode)
+            instantiate(
+                cfg.online,
+                env=env,
+                target_return=target_return,
+                vector_mode=cfg.eval.vector_mode,
+                checkpoints_dir=cfg.paths.checkpoints_dir,  # pretrained.ckpt beside the run's other checkpoints
+            )
         )
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -164,11 +172,12 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
 
 def online_stage(cfg: DictConfig) -> None:
-    """algo=odt: the fit is `online.pretrain_steps` offline steps (by default the preset's
-    trainer.max_steps, its offline budget), then `online.rounds` rounds of
-    `online.updates_per_round` steps. Sets trainer.max_steps to that total, so that the LR
-    schedule, the evaluations' last step, the checkpoints and the run's record all count
-    every step; online.pretrain_steps is fixed first, as it may be that very key."""
+    """algo=odt: the fit is `online.pretrain_steps` offline steps, then `online.rounds` rounds
+    of `online.updates_per_round` steps. Sets trainer.max_steps to that total (a typed
+    trainer.max_steps is refused: dtlab.config.check_keys_act), so that the LR schedule, the
+    evaluations' last step, the checkpoints and the run's record all count every step.
+    online.pretrain_steps is fixed first: its default (conf/algo/odt.yaml) is the composed
+    trainer.max_steps, a preset's offline step budget."""
     o = cfg.online
     pretrain = int(o.pretrain_steps)
     with open_dict(cfg):
@@ -229,6 +238,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     run_cli(check_plugins, sys.argv[1:])
+    run_cli(check_retired, sys.argv[1:])
     hydra_main()
 
 
