@@ -257,8 +257,60 @@ CASES = {
         "train",
         ["algo=odt", "online.seed=10002"],
         2,
-        "online.seed=10002 gives exploration env seeds 10002-10011, which overlap the final evaluation's seeds "
-        "10000-10003 (eval.report_seed): keep the ranges apart",
+        "online.seed=10002 gives exploration env seeds 10002-10011, which overlap the reporting seeds "
+        "10000-10003 (eval.report_seed=10000): keep the ranges apart",
+    ),
+    "exploration_seeds_offset_by_the_run_seed": (
+        "train",
+        ["algo=odt", "seed=1", "online.seed=9992"],
+        2,
+        "online.seed=9992 at seed=1 gives exploration env seeds 10002-10011, which overlap the reporting seeds",
+    ),
+    "exploration_seeds_overlap_development": (
+        "train",
+        ["algo=odt", "eval.dev_seed=100005"],
+        2,
+        "online.seed=100000 gives exploration env seeds 100000-100009, which overlap the development seeds",
+    ),
+    # keys that meant two things (issue 34): the old form refused, naming the new one
+    "odt_typed_max_steps": (
+        "train",
+        ["algo=odt", "trainer.max_steps=30"],
+        2,
+        "config: trainer.max_steps=30 under algo=odt: give the offline pretraining as online.pretrain_steps=30",
+    ),
+    "odt_zero_trajectories_was_the_control": (
+        "train",
+        ["algo=odt", "online.trajectories_per_round=0"],
+        2,
+        "config: online.trajectories_per_round=0 no longer means the offline-only control: set online.collect=false",
+    ),
+    "retired_cpu_budget_steps": (
+        "train",
+        ["algo=bc", "algo.cpu_budget_steps=100"],
+        2,
+        "config: algo.cpu_budget_steps is no longer a key: experiment=cpu-budget's step budget per algorithm is its "
+        "budget_steps.<algo.name> (budget_steps.bc=8000), anywhere else give trainer.max_steps=N",
+    ),
+    "retired_online_checkpoints_dir": (
+        "train",
+        ["algo=odt", "online.checkpoints_dir={run}/elsewhere"],
+        2,
+        "config: online.checkpoints_dir is no longer a key: ... set paths.checkpoints_dir=DIR",
+    ),
+    "budget_steps_outside_cpu_budget": (
+        "train",
+        ["algo=bc", "+budget_steps.bc=100"],
+        2,
+        "config: budget_steps.bc=100 does not act here: only experiment=cpu-budget's trainer.max_steps reads "
+        "budget_steps, and only the run's algorithm's (algo.name=bc): give trainer.max_steps=100",
+    ),
+    # a model without a timestep table takes any horizon: the run gets past the table's check to the next
+    "no_timestep_table_any_horizon": (
+        "train",
+        ["++model.timestep_embedding=false", "env.max_episode_steps=1001", "ckpt_path={inputs}/nope.ckpt"],
+        2,
+        "nope.ckpt' does not exist",
     ),
     "export_without_checkpoint": ("export", [], 2, "give ckpt_path=PATH: the dtlab checkpoint to export"),
     "evaluate_zero_episodes": ("evaluate", [f"ckpt_path={CKPT}", "eval.episodes=0"], 2, "eval.episodes=0 is not"),

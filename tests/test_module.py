@@ -1,5 +1,7 @@
-"""DTModule: the loss over real steps only, and random streams apart."""
+"""PolicyModule: the loss over real steps only, random streams apart, each parameter group's
+learning-rate schedule."""
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,24 @@ def test_bc_trains_only_where_its_k_state_input_is_the_episodes_own():
     wild = {**batch, "actions": batch["actions"].masked_fill(~trained[..., None], 50.0)}
     assert torch.equal(bc._action_mse(wild), bc._action_mse(batch))
     assert not torch.equal(dt._action_mse(wild), dt._action_mse(batch))
+
+
+@pytest.mark.parametrize("action_head", ["deterministic", "gaussian"])
+def test_every_parameter_group_gets_the_schedule_its_name_says(monkeypatch, action_head):
+    m = module(warmup_steps=10, action_head=action_head)
+    decay, no_decay = m.model.parameter_groups(0.1)
+    # a policy with three groups: each must warm up like the others, however many there are
+    half = len(decay["params"]) // 2
+    three = [decay | {"params": decay["params"][:half]}, decay | {"name": "more", "params": decay["params"][half:]}]
+    monkeypatch.setattr(m.model, "parameter_groups", lambda weight_decay: [*three, no_decay])
+    m.trainer = L.Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    configured = m.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    rates = {g.get("name"): g["lr"] for g in optimizer.param_groups}
+    policy = {k: v for k, v in rates.items() if k != "temperature"}
+    assert policy == pytest.approx({"decay": 1e-4 * 5 / 10, "more": 1e-4 * 5 / 10, "no_decay": 1e-4 * 5 / 10})
+    if action_head == "gaussian":  # the temperature's own rate, constant
+        assert rates["temperature"] == m.hparams.temperature_lr

@@ -307,7 +307,7 @@ def test_a_smoke_run_goes_offline_then_online_then_to_the_final_evaluation(strai
 
 
 def test_the_offline_only_control_is_the_same_run_with_nothing_collected(straight, tmp_path):
-    control = fit(tmp_path, "online.trajectories_per_round=0", "algo.name=odt_offline")
+    control = fit(tmp_path, "online.collect=false", "algo.name=odt_offline")
     checkpoints = {
         (run, name): torch.load(run / "checkpoints" / f"{name}.ckpt", map_location="cpu", weights_only=False)
         for run in (straight, control)

@@ -121,3 +121,13 @@ def test_act_refuses_an_empty_history_and_negative_timesteps():
         dt.act(np.zeros((0, 17)), np.zeros((0, 6)), np.zeros(0), np.zeros(0, dtype=int))
     with pytest.raises(DTLabError, match="timesteps >= 0"):
         dt.act(np.zeros((1, 17)), np.zeros((1, 6)), np.zeros(1), np.array([-1]))
+
+
+def test_a_model_without_a_timestep_table_takes_any_horizon():
+    # a table of 10 rows, unused: nothing refers to timestep 10 or later in a model without one
+    for options in ({"timestep_embedding": False}, {"policy": "mlp_bc"}):
+        policy = random_module(max_ep_len=10, context_length=K, n_embd=16, **options)
+        result = rollout(Policy.from_module(policy), ENV | {"max_episode_steps": 15}, [10.0], 1, progress=False)
+        assert result["episodes"][0]["length"] == 15
+        action = policy.act(np.zeros((1, 17)), np.zeros((1, 6)), np.zeros(1), np.array([20]))
+        assert action.shape == (6,) and np.isfinite(action).all()

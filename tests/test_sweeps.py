@@ -9,6 +9,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from dtlab import DTLabError
 from dtlab.cli import CONF_DIR
 from dtlab.config import TrainConfig, check_config
 from dtlab.rollout import check_env
@@ -135,6 +136,21 @@ def test_cpu_budget_gives_bc_its_own_steps_and_the_command_line_the_last_word(ma
     assert steps == {"dt": 4000, "bc": 8000, "pct_bc": 8000, "odt": 4000}
     assert make_cfg("experiment=halfcheetah-expert", "algo=bc", "trainer.max_steps=4000").trainer.max_steps == 4000
     assert make_cfg("algo=bc").trainer.max_steps == 4000  # no preset: trainer/cpu's, as for any algorithm
+
+
+def test_the_budget_keys_act_where_they_are_set_and_are_refused_where_not(make_cfg):
+    cfg = make_cfg("experiment=halfcheetah-expert", "algo=bc", "budget_steps.bc=100", "++data_dir=/data")
+    check_config(cfg, TrainConfig)
+    assert cfg.trainer.max_steps == 100  # the preset's budget of the run's algorithm, typed
+    for refused in (
+        ("algo=bc", "+budget_steps.bc=100"),  # no experiment=cpu-budget: nothing reads it
+        ("experiment=halfcheetah-expert", "algo=dt", "budget_steps.bc=100", "++data_dir=/data"),  # not the run's
+        ("experiment=halfcheetah-expert", "algo=bc", "budget_steps.bc=100", "trainer.max_steps=5", "++data_dir=/d"),
+        ("algo=bc", "+algo.cpu_budget_steps=100"),  # the key it replaces, from a config file too
+        ("algo=odt", "+online.checkpoints_dir=/elsewhere"),
+    ):
+        with pytest.raises(DTLabError, match=r"budget_steps\.bc=100 does not act here|is no longer a key"):
+            check_config(make_cfg(*refused), TrainConfig)
 
 
 def test_joblib_multirun_gives_one_run_dir_and_one_wandb_run_per_job(tmp_path):

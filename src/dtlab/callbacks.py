@@ -1,11 +1,11 @@
-"""The periodic evaluation callback, and the media it makes (return-conditioning plot, videos);
-the online finetuning stage of the Online Decision Transformer."""
+"""The periodic evaluation callback, and the media it makes (return-conditioning plot, videos).
+The Online Decision Transformer's stage, once here, is dtlab.online's (still importable from
+here, as configs written before name it `dtlab.callbacks.OnlineFinetuning`)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -17,19 +17,10 @@ import torch
 
 from dtlab import DTLabError
 from dtlab.checkpoint import checkpoint_facts, evaluation_due, module_from_checkpoint, read_checkpoint
-from dtlab.data import EXPLORATION, stream_seed
+from dtlab.online import ONLINE_ENV_STEPS, OnlineFinetuning  # noqa: F401 - OnlineFinetuning: its old home
 from dtlab.policy import Policy
-from dtlab.replay import ReplayBuffer, rollout_trajectories
-from dtlab.rollout import (
-    NonFiniteRollout,
-    check_seed_ranges,
-    evaluation_record,
-    final_seeds,
-    planned_execution,
-    protocol,
-    resolve_targets,
-    rollout,
-)
+from dtlab.protocol import check_seed_ranges, evaluation_record, final_seeds, protocol, resolve_targets
+from dtlab.rollout import NonFiniteRollout, planned_execution, rollout
 
 log = logging.getLogger(__name__)
 
@@ -356,166 +347,3 @@ class EvaluationCallback(L.Callback):
                 )
             if hasattr(logger, "log_table"):
                 logger.log_table("eval/episodes", columns=columns, data=rows, step=step)
-
-
-ONLINE_ENV_STEPS = "online/env_steps"
-
-
-class OnlineFinetuning(L.Callback):
-    """Online finetuning, the Online Decision Transformer's (Zheng, Zhang and Grover 2022), as a
-    stage of the same fit: after `pretrain_steps` offline training steps come `rounds` rounds,
-    each of which
-
-    1. collects `trajectories_per_round` whole episodes with the batched rollout
-       (dtlab.rollout), each action sampled from the gaussian policy, conditioned on the
-       exploration return: `explore_return_multiple` x the highest in-training target (the
-       paper: 2x the evaluation target);
-    2. adds them to the replay buffer (dtlab.replay: first the training split's `buffer_size`
-       highest-return episodes, then first in, first out by trajectory), which relabels their
-       returns-to-go with the rewards received (hindsight);
-    3. leaves the next `updates_per_round` training steps to draw their windows from the
-       buffer (TrajectoryDataModule.use_episodes), through the same window builder.
-
-    Round r runs at the end of step `pretrain_steps + r * updates_per_round` (at the start of
-    the fit when that is step 0), after that step's evaluation, so every evaluation scores
-    weights trained on the env steps it reports. The run trains `pretrain_steps + rounds *
-    updates_per_round` steps in all (dtlab.train sets trainer.max_steps). Round r's envs have
-    seeds `seed + r * n .. seed + (r + 1) * n - 1` (n trajectories a round; a range apart from
-    the evaluations'), its action noise the stream (run seed, step, EXPLORATION).
-    `trajectories_per_round=0` collects nothing: the offline-only control, trained on the
-    buffer's offline episodes for the same steps.
-
-    At the end of pretraining it saves `checkpoints/pretrained.ckpt` (a checkpoint like any,
-    resumable: rounds start from it), which the final evaluation reports beside last and
-    best. The buffer itself travels in every checkpoint (4 bytes x (obs + act dims + 1) a
-    step: ~2 MB for 100 Hopper trajectories of 450 steps, ~27 MB for 1000), with the env
-    steps and rounds done, so a resumed run collects and trains exactly as the uninterrupted
-    one. Every logger gets, once a round, `online/env_steps`, `online/round`, the buffer's
-    size, online share and return statistics, the round's collected returns and lengths, and
-    the policy's entropy and temperature, all under `online/`."""
-
-    def __init__(
-        self,
-        env: Mapping,
-        target_return: Mapping,
-        pretrain_steps: int,
-        rounds: int,
-        updates_per_round: int = 300,
-        trajectories_per_round: int = 1,
-        buffer_size: int = 1000,
-        explore_return_multiple: float = 2.0,
-        seed: int = 100_000,
-        checkpoints_dir: str = "checkpoints",
-        vector_mode: str = "sync",
-    ) -> None:
-        self.env, self.target_return = env, target_return
-        self.pretrain_steps, self.rounds, self.updates_per_round = pretrain_steps, rounds, updates_per_round
-        self.trajectories_per_round, self.buffer_size = trajectories_per_round, buffer_size
-        self.explore_return_multiple, self.seed = explore_return_multiple, seed
-        self.checkpoints_dir, self.vector_mode = Path(checkpoints_dir), vector_mode
-        self.buffer: ReplayBuffer | None = None
-        self.rounds_done, self.env_steps = 0, 0
-        self.explore_return = float("nan")
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if pl_module.config.action_head != "gaussian":
-            raise DTLabError("online finetuning samples from the gaussian head: set model.action_head=gaussian")
-        datamodule = trainer.datamodule
-        # replaced by the checkpoint's buffer when resuming (load_state_dict runs after setup)
-        self.buffer = ReplayBuffer.from_offline(datamodule.train, self.buffer_size)
-        targets = resolve_targets(self.target_return, datamodule.episode_returns)
-        self.explore_return = self.explore_return_multiple * max(targets)
-
-    def state_dict(self) -> dict:
-        return {
-            "buffer": self.buffer.state_dict() if self.buffer is not None else None,
-            "rounds_done": self.rounds_done,
-            "env_steps": self.env_steps,
-            "pretrained": str(self.checkpoints_dir / "pretrained.ckpt"),
-        }
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("buffer") is not None:
-            self.buffer = ReplayBuffer.from_state_dict(state_dict["buffer"])
-        self.rounds_done, self.env_steps = state_dict["rounds_done"], state_dict["env_steps"]
-        # Resumed into a new run dir: bring pretrained.ckpt along, for the final evaluation.
-        old, new = Path(state_dict.get("pretrained") or ""), self.checkpoints_dir / "pretrained.ckpt"
-        if old.is_file() and old.resolve() != new.resolve() and not new.exists():
-            new.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(old, new)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.rounds_done:  # resumed within the online stage: windows from the restored buffer
-            trainer.datamodule.use_episodes(self.buffer.episodes())
-        trainer.callback_metrics[ONLINE_ENV_STEPS] = torch.tensor(float(self.env_steps))
-        self._round_if_due(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        if trainer.global_step == self.pretrain_steps and self.pretrain_steps > 0:
-            # before round 0, so that a run resumed from it collects round 0 itself
-            trainer.save_checkpoint(self.checkpoints_dir / "pretrained.ckpt")
-        self._round_if_due(trainer, pl_module)
-
-    def _round_if_due(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        done = trainer.global_step - self.pretrain_steps  # online steps so far
-        at_boundary = done >= 0 and done % self.updates_per_round == 0
-        if at_boundary and done // self.updates_per_round == self.rounds_done < self.rounds:
-            self.online_round(trainer, pl_module)
-
-    def online_round(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Collect, relabel, add; the next steps train on the buffer. Returns what it logged."""
-        r, n = self.rounds_done, self.trajectories_per_round
-        metrics: dict[str, float] = {}
-        if n > 0:
-            trajectories = None
-            if trainer.is_global_zero:
-                result = rollout(
-                    Policy.from_module(pl_module),
-                    self.env,
-                    [self.explore_return],
-                    n,
-                    seed=self.seed + r * n,
-                    vector_mode=self.vector_mode,
-                    record=True,
-                    progress=False,
-                    sample_seed=stream_seed(pl_module.hparams.seed, 0, trainer.global_step, EXPLORATION),
-                )
-                trajectories = rollout_trajectories(result)
-            # every rank trains on the same buffer: rank 0's trajectories
-            trajectories = trainer.strategy.broadcast(trajectories, src=0)
-            self.buffer.add(trajectories)
-            self.env_steps += sum(len(t) for t in trajectories)
-            metrics |= {
-                "collected_return_mean": float(np.mean([t.ret for t in trajectories])),
-                "collected_length_mean": float(np.mean([len(t) for t in trajectories])),
-            }
-        self.rounds_done += 1
-        trainer.datamodule.use_episodes(self.buffer.episodes())
-        metrics |= {"env_steps": float(self.env_steps), "round": float(self.rounds_done)}
-        metrics |= {"explore_return": self.explore_return, **self.buffer.stats()}
-        metrics["temperature"] = float(pl_module.log_alpha.exp())
-        if "train/entropy" in trainer.callback_metrics:  # the last step's estimate
-            metrics["entropy"] = float(trainer.callback_metrics["train/entropy"])
-        metrics = {f"online/{k}": v for k, v in metrics.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        collected = (
-            f"mean return {metrics['online/collected_return_mean']:.0f}, "
-            f"mean length {metrics['online/collected_length_mean']:.0f}"
-            if n
-            else "nothing (the offline-only control)"
-        )
-        log.info(
-            "online round %d/%d at step %d: %d env steps so far; collected %s; buffer of %d (%d online), "
-            "return mean %.0f",
-            self.rounds_done,
-            self.rounds,
-            trainer.global_step,
-            self.env_steps,
-            collected,
-            len(self.buffer),
-            metrics["online/buffer_online_trajectories"],
-            metrics["online/buffer_return_mean"],
-        )
-        return metrics

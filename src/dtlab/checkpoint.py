@@ -23,13 +23,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import get_object
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dtlab import DTLabError
 from dtlab.cli import find_checkpoint
-from dtlab.module import DTModule
+from dtlab.module import PolicyModule
 
 log = logging.getLogger(__name__)
 
@@ -208,18 +209,18 @@ def read_checkpoint(path: str | Path, dtlab_only: bool = True) -> dict:
     return saved
 
 
-def module_from_checkpoint(saved: dict, device: str | torch.device = "cpu") -> DTModule:
-    """The DTModule in a checkpoint `read_checkpoint` returned (what Lightning's
+def module_from_checkpoint(saved: dict, device: str | torch.device = "cpu") -> PolicyModule:
+    """The PolicyModule in a checkpoint `read_checkpoint` returned (what Lightning's
     load_from_checkpoint does, without reading the file again)."""
-    accepted = inspect.signature(DTModule.__init__).parameters
-    module = DTModule(**{k: v for k, v in saved["hyper_parameters"].items() if k in accepted})
+    accepted = inspect.signature(PolicyModule.__init__).parameters
+    module = PolicyModule(**{k: v for k, v in saved["hyper_parameters"].items() if k in accepted})
     module.on_load_checkpoint(saved)
     module.load_state_dict(saved["state_dict"])
     return module.to(device)
 
 
-def load_checkpoint(path: str | Path) -> DTModule:
-    """The DTModule in a checkpoint written by dtlab.train; DTLabError if it is missing or unusable."""
+def load_checkpoint(path: str | Path) -> PolicyModule:
+    """The PolicyModule in a checkpoint written by dtlab.train; DTLabError if it is missing or unusable."""
     return module_from_checkpoint(read_checkpoint(path))
 
 
@@ -261,7 +262,15 @@ def _may_differ(key: str) -> bool:
     return key.startswith("dataset.") and key.rsplit(".", 1)[-1] in DATA_LOCATION
 
 
-def resume_path(ckpt_path: str | None, module: DTModule, run_config: dict | None = None) -> str | None:
+def _same_object(a: Any, b: Any) -> bool:
+    """Whether two `_target_`s name one object (a name kept as an alias after a move or rename)."""
+    try:
+        return get_object(a) is get_object(b)
+    except Exception:  # noqa: BLE001 - a name that no longer imports is another object
+        return False
+
+
+def resume_path(ckpt_path: str | None, module: PolicyModule, run_config: dict | None = None) -> str | None:
     """The checkpoint to resume from (a file `dtlab.train.find_checkpoint` found), checked
     before any training step: it loads, and it was trained with this run's settings. Lightning
     would restore its weights, optimizer and schedules over any changed setting, so a run
@@ -305,6 +314,8 @@ def resume_path(ckpt_path: str | None, module: DTModule, run_config: dict | None
                 continue
             if name.startswith("model.") and name[len("model.") :] in module.hparams:
                 continue  # compared as a hyperparameter above
+            if name.endswith("._target_") and _same_object(old_flat[key], new_flat[key]):
+                continue  # a class under its new name and its old one (DTModule: PolicyModule)
             changed[name] = (old_flat[key], new_flat[key])
     steps = changed.get("trainer.max_steps")
     if steps and hparams.get("lr_schedule", "constant") == "constant" and steps[1] > saved["global_step"]:

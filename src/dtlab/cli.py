@@ -101,7 +101,6 @@ CHECKPOINT_DIR_KEYS = (
     "callbacks.checkpoint.dirpath",
     "callbacks.best_checkpoint.dirpath",
     "callbacks.evaluation.checkpoints_dir",
-    "online.checkpoints_dir",
 )
 
 

@@ -39,7 +39,8 @@ from dtlab.cli import CONF_DIR, find_checkpoint, run_cli
 from dtlab.data import episodes_to_dataset
 from dtlab.model import DTConfig
 from dtlab.policy import Policy
-from dtlab.rollout import check_env, rollout, version
+from dtlab.protocol import version
+from dtlab.rollout import check_env, rollout
 
 log = logging.getLogger(__name__)
 

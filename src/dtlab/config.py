@@ -3,7 +3,7 @@
 `check_config` runs first in `dtlab.train` and `dtlab.evaluate`, before any data, model or
 Lightning exists, and turns the first bad value into one line that names the key, the value
 and what is allowed (exit 2). A group's keys are the arguments of what it instantiates
-(`model` -> DTModule, `data` -> TrajectoryDataModule, ...), so a key added to the code is
+(`model` -> PolicyModule, `data` -> TrajectoryDataModule, ...), so a key added to the code is
 added here too; `tests/test_train.py` checks every shipped config against this schema.
 Keys that belong to other libraries (Lightning's Trainer, loggers, Hydra) pass through,
 except the few dtlab relies on.
@@ -15,8 +15,9 @@ import importlib
 import inspect
 from typing import Annotated, Literal
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dtlab import DTLabError
 
@@ -41,7 +42,7 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", strict=False)
 
 
-class Model(_Group):  # dtlab.module.DTModule
+class Model(_Group):  # dtlab.module.PolicyModule
     n_layer: Positive
     n_head: Positive
     n_embd: Positive
@@ -138,15 +139,25 @@ class Trainer(_Open):  # lightning.pytorch.Trainer: the keys dtlab's data stream
     gradient_clip_val: Annotated[float, Field(ge=0.0)] | None = None
 
 
-class Online(_Group):  # dtlab.callbacks.OnlineFinetuning (algo=odt; dtlab.train passes env and targets)
-    pretrain_steps: NonNegative  # offline steps before the first round
+class Online(_Group):  # dtlab.online.OnlineFinetuning (algo=odt; dtlab.train passes env, targets, checkpoints dir)
+    pretrain_steps: NonNegative  # offline steps before the first round; trainer.max_steps is derived
     rounds: NonNegative
     updates_per_round: Positive
-    trajectories_per_round: NonNegative  # 0: collect nothing, the offline-only control
+    trajectories_per_round: Positive
+    collect: bool  # false: collect nothing, the offline-only control
     buffer_size: Positive  # trajectories
     explore_return_multiple: Annotated[float, Field(gt=0.0)]  # of the highest in-training target
-    seed: NonNegative  # exploration env seeds: seed .. seed + rounds x trajectories_per_round - 1
-    checkpoints_dir: str
+    seed: NonNegative  # exploration env seeds: dtlab.protocol.exploration_seeds
+    per_run_seeds: bool  # false: every run seed explores from the same env seeds (before issue 34)
+
+    @field_validator("trajectories_per_round", mode="before")
+    @classmethod
+    def _zero_was_the_control(cls, value: object) -> object:
+        if value == 0:  # before issue 34, 0 meant "collect nothing"
+            raise ValueError(
+                "online.trajectories_per_round=0 no longer means the offline-only control: set online.collect=false"
+            )
+        return value
 
 
 class _Command(BaseModel):
@@ -158,7 +169,6 @@ class _Command(BaseModel):
 
 class Algo(_Group):  # conf/algo/*.yaml
     name: str
-    cpu_budget_steps: Positive | None = None  # trainer.max_steps under experiment=cpu-budget
 
 
 class TrainConfig(_Command):  # conf/train.yaml
@@ -243,6 +253,62 @@ def check_loader_keys(dataset: DictConfig, prefix: str = "dataset") -> None:
 REQUIRED = {
     "data_dir": "the folder of the datasets' Parquet files (docs/data.md says how to get or rebuild them)",
 }
+# Keys that are gone (issue 34), and what says the same now
+RETIRED = {
+    "algo.cpu_budget_steps": "experiment=cpu-budget's step budget per algorithm is its budget_steps.<algo.name> "
+    "(budget_steps.bc=8000), anywhere else give trainer.max_steps=N",
+    "online.checkpoints_dir": "online finetuning writes pretrained.ckpt into paths.checkpoints_dir, as every "
+    "checkpoint: set paths.checkpoints_dir=DIR",
+}
+
+
+def check_retired(overrides: list[str]) -> None:
+    """Refuse a retired key typed on the command line, before Hydra, whose own error for a key
+    its config no longer has is a paragraph that names no replacement."""
+    for key in _keys(overrides):
+        if key in RETIRED:
+            raise DTLabError(f"config: {key} is no longer a key: {RETIRED[key]}")
+
+
+def _keys(overrides: list[str]) -> list[str]:
+    """The keys of Hydra overrides (`+a.b=1`, `++a.b=1`, `~a.b`: a.b); group choices included."""
+    return [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+
+
+def typed_overrides(cfg: DictConfig) -> dict[str, str]:
+    """{key: value} of what the user typed (Hydra's task overrides; under the compose API those
+    of `return_hydra_config=True`), {} for a config built by hand."""
+    if OmegaConf.select(cfg, "hydra.overrides.task") is not None:
+        overrides = list(cfg.hydra.overrides.task)
+    elif HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+    else:
+        overrides = []
+    return {key: o.split("=", 1)[-1] for key, o in zip(_keys(overrides), overrides, strict=True)}
+
+
+def check_keys_act(cfg: DictConfig) -> None:
+    """Keys whose meaning used to shift, each refused where it would not mean what it says:
+    a typed trainer.max_steps under algo=odt (the total is derived from online.pretrain_steps);
+    a typed budget_steps.<algo> that experiment=cpu-budget's trainer.max_steps does not read."""
+    typed = typed_overrides(cfg)
+    if cfg.get("online") is not None and "trainer.max_steps" in typed:
+        steps = typed["trainer.max_steps"]
+        raise DTLabError(
+            f"config: trainer.max_steps={steps} under algo=odt: give the offline pretraining as "
+            f"online.pretrain_steps={steps} (dtlab.train derives trainer.max_steps: pretrain_steps + rounds x "
+            "updates_per_round)"
+        )
+    trainer = cfg.get("trainer")
+    reads = OmegaConf.to_container(trainer, resolve=False).get("max_steps") if isinstance(trainer, DictConfig) else None
+    algo = OmegaConf.select(cfg, "algo.name")
+    for key in typed:
+        if key.startswith("budget_steps") and not ("budget_steps" in str(reads) and key == f"budget_steps.{algo}"):
+            raise DTLabError(
+                f"config: {key}={typed[key]} does not act here: only experiment=cpu-budget's trainer.max_steps reads "
+                f"budget_steps, and only the run's algorithm's (algo.name={algo}): give trainer.max_steps="
+                f"{typed[key]}"
+            )
 
 
 def check_config(cfg: DictConfig, schema: type[BaseModel] = TrainConfig) -> None:
@@ -250,6 +316,10 @@ def check_config(cfg: DictConfig, schema: type[BaseModel] = TrainConfig) -> None
     for key, what in REQUIRED.items():
         if OmegaConf.is_missing(cfg, key):  # (`key in cfg` is False for a ??? value)
             raise DTLabError(f"config: {key} is missing: give {key}=PATH, {what}")
+    for key, instead in RETIRED.items():
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            raise DTLabError(f"config: {key} is no longer a key: {instead}")
+    check_keys_act(cfg)
     groups = {}
     for name in schema.model_fields:
         if name in cfg:

@@ -27,18 +27,17 @@ from dtlab.config import Eval, EvaluateConfig, EvaluateTargets, check_config
 from dtlab.data import episodes_from_dataset
 from dtlab.hf import from_transformers
 from dtlab.policy import Policy
-from dtlab.rollout import (
-    NonFiniteRollout,
+from dtlab.protocol import (
     asks_for_targets,
-    check_env,
     check_seed_ranges,
     evaluation_record,
     final_seeds,
     format_summary,
+    overlapping,
     protocol,
     resolve_targets,
-    rollout,
 )
+from dtlab.rollout import NonFiniteRollout, check_env, rollout
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.eval.get("dev_seed") is not None:  # a benchmark's or a recipe study's evaluation
         check_seed_ranges(0, 0, 0, len(targets), cfg.eval.report_seed, cfg.eval.episodes, cfg.eval.dev_seed)
         seed, role = final_seeds(cfg.eval.report_seed, cfg.eval.dev_seed)
-    if selection and seed <= selection[1] and selection[0] <= seed + n - 1:
+    asked = {"this evaluation": ("", range(seed, seed + n))}
+    if selection and overlapping(asked | {"selection": ("", range(selection[0], selection[1] + 1))}):
         role = "overlaps selection"
         log.warning(
             "env seeds %d-%d overlap the seeds %d-%d that picked this run's best.ckpt during training: scores on "

@@ -22,7 +22,7 @@ from dtlab import DTLabError
 from dtlab.cli import CONF_DIR, find_checkpoint, run_cli
 from dtlab.inference import INPUTS, export_policy
 from dtlab.policy import Policy
-from dtlab.rollout import version
+from dtlab.protocol import version
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 

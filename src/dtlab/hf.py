@@ -2,7 +2,7 @@
 
     imported = from_transformers("path/to/save_pretrained/folder")  # or an in-memory model
     policy = imported.policy()  # for dtlab.rollout; needs the normalization in dtlab.json
-    module = imported.module(learning_rate=1e-4)  # a DTModule to fine-tune with Lightning
+    module = imported.module(learning_rate=1e-4)  # a PolicyModule to fine-tune with Lightning
     to_transformers(module, "out/folder")  # DecisionTransformerModel.from_pretrained loads it
 
 Both compute the same function, but the weights are laid out differently:
@@ -37,7 +37,7 @@ from dtlab.policy import Policy
 if TYPE_CHECKING:
     from transformers import DecisionTransformerModel
 
-    from dtlab.module import DTModule
+    from dtlab.module import PolicyModule
 
 SIDECAR = "dtlab.json"
 # transformers' activation_function -> DTConfig.activation; "gelu_new" and "gelu_pytorch_tanh"
@@ -128,12 +128,12 @@ class Imported:
             )
         return Policy(self.model, torch.tensor(self.state_mean), torch.tensor(self.state_std), self.reward_scale)
 
-    def module(self, **hparams: Any) -> DTModule:
-        """A DTModule holding these weights, to fine-tune with Lightning: the architecture
+    def module(self, **hparams: Any) -> PolicyModule:
+        """A PolicyModule holding these weights, to fine-tune with Lightning: the architecture
         (sizes, K, timestep table, activation, action_tanh, dropout) is the imported model's;
         `hparams` give the optimisation (learning_rate, warmup_steps, ...) and whatever
         dtlab.json did not (env_id, state_mean, state_std, reward_scale)."""
-        from dtlab.module import DTModule  # Lightning, only when asked for
+        from dtlab.module import PolicyModule  # Lightning, only when asked for
 
         c = self.model.config
         known = {
@@ -161,7 +161,7 @@ class Imported:
         clash = sorted(set(architecture) & set(given))
         if clash:
             raise DTLabError(f"{clash} are the imported model's own and cannot be changed")
-        module = DTModule(**architecture, **given)
+        module = PolicyModule(**architecture, **given)
         module.model.load_state_dict(self.model.state_dict())
         return module
 
@@ -203,9 +203,9 @@ def from_transformers(model_or_path: DecisionTransformerModel | str | Path, cont
 
 
 def to_transformers(module_or_model: torch.nn.Module, out_dir: str | Path | None = None) -> DecisionTransformerModel:
-    """The same policy as a `DecisionTransformerModel`, from a `DTModule` or a bare
+    """The same policy as a `DecisionTransformerModel`, from a `PolicyModule` or a bare
     `DecisionTransformer`. With `out_dir`, also `save_pretrained` it there with `dtlab.json`
-    (K, and for a DTModule its env id, state mean/std and reward scale). A gaussian head
+    (K, and for a PolicyModule its env id, state mean/std and reward scale). A gaussian head
     (algo=odt) converts to its mean action tanh(mu), what every evaluation acts with:
     transformers has no stochastic head, so its log std is left behind."""
     transformers = _transformers()
@@ -244,7 +244,7 @@ def to_transformers(module_or_model: torch.nn.Module, out_dir: str | Path | None
         out = Path(out_dir)
         hf.save_pretrained(out)
         sidecar = {"context_length": c.context_length}
-        if not isinstance(module_or_model, DecisionTransformer):  # a DTModule: it knows its env and data
+        if not isinstance(module_or_model, DecisionTransformer):  # a PolicyModule: it knows its env and data
             hp = module_or_model.hparams
             sidecar |= {
                 "env_id": hp.env_id,

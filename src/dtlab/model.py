@@ -392,11 +392,12 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 decay.append(p)
             else:
                 no_decay.append(p)
+    # named, so that PolicyModule gives each group its schedule by what it holds
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
 
 
-# The policy networks DTModule can train (its `policy` argument); the rollout calls any of them.
+# The policy networks PolicyModule can train (its `policy` argument); the rollout calls any of them.
 POLICIES = {"dt": DecisionTransformer, "mlp_bc": MLPBC}

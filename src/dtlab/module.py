@@ -1,10 +1,12 @@
-"""DTModule: a policy network as a Lightning system (loss, optimizer, schedule, logging): the
-Decision Transformer, or the behaviour-cloning MLP trained the same way (`policy`); with
+"""PolicyModule: any policy network as a Lightning system (loss, optimizer, schedule, logging):
+the Decision Transformer, or the behaviour-cloning MLP trained the same way (`policy`); with
 `action_head="gaussian"`, the Online Decision Transformer's stochastic policy, trained by
-likelihood under an entropy constraint with a learned temperature.
+likelihood under an entropy constraint with a learned temperature. `DTModule`, its name while
+it trained the DT alone, stays an alias: checkpoints and configs written before name it
+(`_target_: dtlab.module.DTModule`) and keep loading.
 
 Everything a policy needs travels in the checkpoint (state mean/std, reward scale, K, env id
-and dims), so `DTModule.load_from_checkpoint(path)` alone gives a working `act()`.
+and dims), so `PolicyModule.load_from_checkpoint(path)` alone gives a working `act()`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dtlab.policy import Policy, check_timesteps, windows
 ACTION_EPS = 1e-6
 
 
-class DTModule(L.LightningModule):
+class PolicyModule(L.LightningModule):
     def __init__(
         self,
         env_id: str,
@@ -251,7 +253,9 @@ class DTModule(L.LightningModule):
             # Adam, and Adam's update is per parameter, so this is the reference's separate
             # Adam(lr=temperature_lr) exactly, while Lightning keeps its automatic optimization
             # (one optimizer, one scheduler, clipping, checkpoints) for every algorithm.
-            groups.append({"params": [self.log_alpha], "weight_decay": 0.0, "lr": hp.temperature_lr})
+            groups.append(
+                {"name": "temperature", "params": [self.log_alpha], "weight_decay": 0.0, "lr": hp.temperature_lr}
+            )
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
         warmup, total = max(hp.warmup_steps, 1), self.trainer.max_steps if self.trainer else -1
 
@@ -262,8 +266,10 @@ class DTModule(L.LightningModule):
                 return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
             return 1.0
 
-        # the policy's schedule; the temperature's rate stays constant (the reference's too)
-        factors = factor if len(groups) == 2 else [factor, factor, lambda step: 1.0]
+        # Each group's schedule by its name: the temperature's rate stays constant (the reference's
+        # too), every group of the policy's, however many it has, follows the policy's schedule.
+        constant = {"temperature": lambda step: 1.0}
+        factors = [constant.get(g.get("name"), factor) for g in groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -290,8 +296,10 @@ class DTModule(L.LightningModule):
             raise DTLabError(f"act: returns_to_go and timesteps must have shape [{T}]")
         if T == 0 or np.min(timesteps) < 0:
             raise DTLabError("act: give at least one step, with timesteps >= 0 (the step within the episode)")
-        check_timesteps(int(np.max(timesteps)), hp.max_ep_len, "act: timesteps", "pass timesteps within the table")
         policy = Policy.from_module(self)
+        check_timesteps(
+            int(np.max(timesteps)), policy.timestep_rows, "act: timesteps", "pass timesteps within the table"
+        )
         K = hp.context_length
         first = max(T - K, 0)  # the window: the last K steps of the history, left-padded
         window = windows(
@@ -310,3 +318,8 @@ class DTModule(L.LightningModule):
             return policy.act(window)[0].cpu().numpy()
         finally:
             self.model.train(training)
+
+
+# The name checkpoints, configs (`_target_: dtlab.module.DTModule`) and code written before the
+# rename use
+DTModule = PolicyModule

@@ -1,7 +1,7 @@
 """What a Decision Transformer sees, built in one place: normalized states, scaled
 returns-to-go, the left-padded K-step window, and `Policy`, a model with its normalization.
 
-Training windows (`dtlab.data.WindowSampler`), rollouts (`dtlab.rollout`) and `DTModule.act`
+Training windows (`dtlab.data.WindowSampler`), rollouts (`dtlab.rollout`) and `PolicyModule.act`
 all call these functions, so no convention (normalization, scaling, padding, timesteps) can
 differ between what the model was trained on and what it is shown when it acts.
 No gymnasium, MuJoCo or Lightning here: weight conversion (`dtlab.hf`) imports this module.
@@ -75,10 +75,11 @@ def windows(
     }
 
 
-def check_timesteps(last_timestep: int, max_ep_len: int, what: str, fix: str) -> None:
+def check_timesteps(last_timestep: int, max_ep_len: int | None, what: str, fix: str) -> None:
     """A timestep past the model's table would have to share its last row (the reference code
-    clamps it there silently): refuse it, saying `what` reached it and the `fix`."""
-    if last_timestep >= max_ep_len:
+    clamps it there silently): refuse it, saying `what` reached it and the `fix`. `max_ep_len`
+    None: the model has no table (model.timestep_embedding=false, BC's MLP), so any timestep goes."""
+    if max_ep_len is not None and last_timestep >= max_ep_len:
         raise DTLabError(
             f"{what} reaches timestep {last_timestep}, but the model's timestep table has {max_ep_len} rows "
             f"(env.max_ep_len): {fix}"
@@ -96,7 +97,7 @@ class Policy:
 
     @classmethod
     def from_module(cls, module: torch.nn.Module) -> Policy:
-        """From a DTModule (fresh, or from `DTModule.load_from_checkpoint`)."""
+        """From a PolicyModule (fresh, or from `PolicyModule.load_from_checkpoint`)."""
         return cls(module.model, module.state_mean, module.state_std, module.reward_scale)
 
     @property
@@ -106,6 +107,12 @@ class Policy:
     @property
     def max_ep_len(self) -> int:
         return self.model.config.max_ep_len
+
+    @property
+    def timestep_rows(self) -> int | None:
+        """The rows of the model's timestep table, None for a model without one: the longest
+        episode it can act in whole."""
+        return self.max_ep_len if getattr(self.model, "embed_timestep", None) is not None else None
 
     def normalize(self, observations: Array) -> torch.Tensor:
         return normalize_states(observations, self.state_mean, self.state_std).to(self.state_mean.device)

@@ -23,10 +23,11 @@ from dtlab.cli import (  # noqa: F401 - CheckOutputDir: 0.1 configs name it here
     find_checkpoint,
     run_cli,
 )
-from dtlab.config import TrainConfig, check_config
+from dtlab.config import TrainConfig, check_config, check_retired
 from dtlab.data import check_context_length, check_episode_lengths, format_report, load_episodes, minari_env
 from dtlab.policy import check_timesteps
-from dtlab.rollout import check_env, check_exploration_seeds, check_seed_ranges, format_summary, resolve_targets
+from dtlab.protocol import check_seed_ranges, exploration_seeds, format_summary, resolve_targets
+from dtlab.rollout import check_env
 
 log = logging.getLogger(__name__)
 # env=from_dataset reads the env config out of a Minari dataset
@@ -34,7 +35,7 @@ OmegaConf.register_new_resolver("minari_env", minari_env, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit a DTModule as `cfg` says; returns the final metrics (train/*, val/*, eval/*). The
+    """Fit a PolicyModule as `cfg` says; returns the final metrics (train/*, val/*, eval/*). The
     run dir is locked meanwhile (dtlab.lock): a second run there refuses to start."""
     check_config(cfg, TrainConfig)
     held = lock.acquire(cfg.paths.output_dir)
@@ -56,21 +57,29 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     episodes = load_episodes(instantiate(cfg.dataset), cfg.env.obs_dim, cfg.env.act_dim, action_bounds)
     check_episode_lengths(episodes, cfg.data.max_ep_len)
     horizon = cfg.env.max_episode_steps
-    check_timesteps(horizon - 1, cfg.data.max_ep_len, f"env.max_episode_steps={horizon}", "shorten the evaluations")
+    # the table's rows, None for a model without one (PolicyModule's defaults: dt, with a table)
+    table = cfg.model.get("timestep_embedding", True) and cfg.model.get("policy", "dt") == "dt"
+    rows = cfg.data.max_ep_len if table else None
+    check_timesteps(horizon - 1, rows, f"env.max_episode_steps={horizon}", "shorten the evaluations")
     warn_if_d4rl_in_v5(cfg.dataset.get("_target_"), cfg.env.id)
     targets = resolve_targets(cfg.target_return, episodes.returns)
     final_targets = resolve_targets(cfg.target_return, episodes.returns, final=True)
-    e = cfg.eval
+    e, o = cfg.eval, cfg.get("online")
+    explore = None
+    if o is not None and o.collect:
+        run_seed = cfg.seed if o.per_run_seeds else 0
+        setting = f"online.seed={o.seed}" + (f" at seed={run_seed}" if run_seed else "")
+        explore = (setting, exploration_seeds(o.seed, run_seed, o.rounds, o.trajectories_per_round))
     check_seed_ranges(
-        len(targets), e.seed, e.episodes, len(final_targets), e.report_seed, e.final_episodes, e.get("dev_seed")
+        len(targets),
+        e.seed,
+        e.episodes,
+        len(final_targets),
+        e.report_seed,
+        e.final_episodes,
+        e.get("dev_seed"),
+        explore,
     )
-    if cfg.get("online") is not None:
-        o = cfg.online
-        check_exploration_seeds(
-            range(o.seed, o.seed + o.rounds * o.trajectories_per_round),
-            range(e.seed, e.seed + len(targets) * e.episodes),
-            range(e.report_seed, e.report_seed + len(final_targets) * e.final_episodes),
-        )
     check_checkpoints_dir(cfg)
     check_devices(cfg.trainer)
     ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.checkpoints_dir)
@@ -112,7 +121,13 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("online") is not None:  # after the evaluation callback: a round follows its step's evaluation
         env, target_return = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("env", "target_return"))
         callbacks.append(
-            instantiate(cfg.online, env=env, target_return=target_return, vector_mode=cfg.eval.vector_mode)
+            instantiate(
+                cfg.online,
+                env=env,
+                target_return=target_return,
+                vector_mode=cfg.eval.vector_mode,
+                checkpoints_dir=cfg.paths.checkpoints_dir,  # pretrained.ckpt beside the run's other checkpoints
+            )
         )
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -157,11 +172,12 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
 
 def online_stage(cfg: DictConfig) -> None:
-    """algo=odt: the fit is `online.pretrain_steps` offline steps (by default the preset's
-    trainer.max_steps, its offline budget), then `online.rounds` rounds of
-    `online.updates_per_round` steps. Sets trainer.max_steps to that total, so that the LR
-    schedule, the evaluations' last step, the checkpoints and the run's record all count
-    every step; online.pretrain_steps is fixed first, as it may be that very key."""
+    """algo=odt: the fit is `online.pretrain_steps` offline steps, then `online.rounds` rounds
+    of `online.updates_per_round` steps. Sets trainer.max_steps to that total (a typed
+    trainer.max_steps is refused: dtlab.config.check_keys_act), so that the LR schedule, the
+    evaluations' last step, the checkpoints and the run's record all count every step.
+    online.pretrain_steps is fixed first: its default (conf/algo/odt.yaml) is the composed
+    trainer.max_steps, a preset's offline step budget."""
     o = cfg.online
     pretrain = int(o.pretrain_steps)
     with open_dict(cfg):
@@ -222,6 +238,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     run_cli(check_plugins, sys.argv[1:])
+    run_cli(check_retired, sys.argv[1:])
     hydra_main()
 
 
