@@ -6,6 +6,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Under pytest-xdist (`pytest -n 2`, the README's command) each worker shares the cores with
+# the others: one torch thread per worker, and per subprocess it starts, or two processes that
+# each take both cores run many times slower (../shared/MACHINE-NOTES.md). Set before torch loads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 import importlib  # noqa: E402
 import socket  # noqa: E402
@@ -24,7 +30,7 @@ from dtlab.cli import CONF_DIR  # noqa: E402
 
 # And a guard, since a library that goes online anyway (as datasets did when the variable was
 # set after its import) would only show up as a slow test: any connection beyond this machine
-# fails at once and fails the session, even where a library swallows the error.
+# fails at once and fails the test, even where a library swallows the error.
 _network_attempts: list = []
 _connect = socket.socket.connect
 
@@ -39,10 +45,14 @@ def _connect_locally_only(sock: socket.socket, address) -> None:
 socket.socket.connect = _connect_locally_only
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    if _network_attempts:
-        print(f"\ntests tried to reach the network: {_network_attempts}")
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+@pytest.fixture(autouse=True)
+def _no_network():
+    """Fails the test that tried, even where a library swallowed the OSError. Per test, not at
+    session end: under pytest-xdist a worker's session status never reaches the run's."""
+    before = len(_network_attempts)
+    yield
+    if len(_network_attempts) > before:
+        pytest.fail(f"this test tried to reach the network: {_network_attempts[before:]}")
 
 
 def compose_cfg(output_dir: Path, *overrides: str, config: str = "train") -> DictConfig:
