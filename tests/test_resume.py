@@ -208,3 +208,27 @@ def test_resuming_into_a_new_run_dir_keeps_the_best_checkpoint_of_the_whole_run(
         assert torch.equal(value, after["state_dict"][key]), key
     final = json.loads((second / "final_evaluation.json").read_text())["checkpoints"]
     assert final["best"]["protocol"]["step"] == before["global_step"]
+
+
+def test_a_resume_into_a_new_run_dir_scores_the_steps_it_trained(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    fit(first, f"trainer.max_steps={N}")
+    # the new dir's last.ckpt starts as a copy of the resumed checkpoint; training must replace
+    # it, not leave it for the final evaluation and save last-v1.ckpt beside it
+    fit(second, f"trainer.max_steps={2 * N}", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    assert sorted(p.name for p in (second / "checkpoints").glob("last*")) == ["last.ckpt"]
+    assert last_checkpoint(second)["global_step"] == 2 * N
+    final = json.loads((second / "final_evaluation.json").read_text())["checkpoints"]
+    assert final["last"]["protocol"]["step"] == 2 * N
+
+
+def test_a_run_dir_holding_another_runs_last_checkpoint_is_refused(tmp_path):
+    out = fit(tmp_path / "run", f"trainer.max_steps={N}")
+    before = hashlib.sha256((out / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
+    with pytest.raises(DTLabError, match=r"last.ckpt already exists.*ckpt_path=last"):
+        fit(out, f"trainer.max_steps={2 * N}")  # the same dir again, not resumed
+    with pytest.raises(DTLabError, match=r"last.ckpt already exists"):
+        fit(out, f"trainer.max_steps={2 * N}", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}")
+    assert hashlib.sha256((out / "checkpoints" / "last.ckpt").read_bytes()).hexdigest() == before
+    fit(out, f"trainer.max_steps={2 * N}", "ckpt_path=last")  # what the error says to do
+    assert last_checkpoint(out)["global_step"] == 2 * N

@@ -102,22 +102,24 @@ class Checkpoint(ModelCheckpoint):
         # steps with a checkpoint every 10 would end with the one from step 20.
         self._save_last(trainer)
 
+    def adopt(self, ckpt_path: str) -> None:
+        """Resuming from another run dir's checkpoint: this dir's last.ckpt starts as a copy of
+        it, so the new dir is whole from the start (`ckpt_path=last` resumes it; the final
+        evaluation finds last.ckpt even when no step is left to train, and Lightning saves
+        none), and the copy is this run's own last.ckpt, to be replaced as training goes on.
+        (Lightning would keep a last.ckpt it did not write and save last-v1.ckpt beside it.)"""
+        last = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        if Path(ckpt_path).resolve() == Path(last).resolve():
+            return  # ckpt_path=last: Lightning restores it as its own
+        Path(last).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(last).with_name(f".{Path(last).name}.tmp")
+        shutil.copy2(ckpt_path, tmp)
+        os.replace(tmp, last)
+        self.last_model_path = last
+
     def _save_last(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step:  # not saved at this step yet
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-def adopt_checkpoint(ckpt_path: str, checkpoints_dir: str | Path) -> None:
-    """A run resumed from another run dir's checkpoint starts its own dir's last.ckpt with a copy
-    of it, so the new dir is whole from the start: `ckpt_path=last` resumes it, and the final
-    evaluation finds last.ckpt even when no step was left to train (Lightning then saves none)."""
-    last = Path(checkpoints_dir) / "last.ckpt"
-    if last.exists() or Path(ckpt_path).resolve() == last.resolve():
-        return
-    last.parent.mkdir(parents=True, exist_ok=True)
-    tmp = last.with_name(f".{last.name}.tmp")
-    shutil.copy2(ckpt_path, tmp)
-    os.replace(tmp, last)
 
 
 def evaluation_due(step: int, every_n_steps: int, max_steps: int) -> bool:

@@ -118,6 +118,18 @@ def check_checkpoints_dir(cfg: DictConfig) -> None:
     check_writable("paths.checkpoints_dir", cfg)
 
 
+def check_last_checkpoint(ckpt_path: str | None, checkpoints_dir: str | Path) -> None:
+    """A run's final evaluation scores its own dir's last.ckpt. One already there from an earlier
+    run, not the one being resumed, Lightning would leave in place and write last-v1.ckpt beside
+    it, and the final evaluation would score the old weights: refused, the old run kept."""
+    last = Path(checkpoints_dir) / "last.ckpt"
+    if last.is_file() and (ckpt_path is None or Path(ckpt_path).resolve() != last.resolve()):
+        raise DTLabError(
+            f"{last} already exists, from an earlier run in this dir: resume that run with ckpt_path=last, "
+            "or train into a new hydra.run.dir (a resume from another checkpoint starts a dir of its own)"
+        )
+
+
 def check_devices(trainer: DictConfig) -> None:
     """The GPUs a trainer config asks for against those this machine has, in one line (Lightning
     raises a traceback from inside instantiate)."""

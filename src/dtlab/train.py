@@ -19,6 +19,7 @@ from dtlab.cli import (  # noqa: F401 - CheckOutputDir: 0.1 configs name it here
     CheckOutputDir,
     check_checkpoints_dir,
     check_devices,
+    check_last_checkpoint,
     check_plugins,
     find_checkpoint,
     run_cli,
@@ -83,11 +84,12 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     check_checkpoints_dir(cfg)
     check_devices(cfg.trainer)
     ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.checkpoints_dir)
+    check_last_checkpoint(ckpt_path, cfg.paths.checkpoints_dir)
 
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from dtlab.checkpoint import adopt_checkpoint, resume_path
+    from dtlab.checkpoint import Checkpoint, resume_path
     from dtlab.tracking import WandbLogger
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -115,9 +117,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     run_config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     module.run_config = run_config
     ckpt_path = resume_path(ckpt_path, module, run_config)
-    if ckpt_path is not None:
-        adopt_checkpoint(ckpt_path, cfg.paths.checkpoints_dir)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    for callback in callbacks:
+        if ckpt_path is not None and isinstance(callback, Checkpoint):
+            callback.adopt(ckpt_path)
     if cfg.get("online") is not None:  # after the evaluation callback: a round follows its step's evaluation
         env, target_return = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("env", "target_return"))
         callbacks.append(
