@@ -45,14 +45,27 @@ def _connect_locally_only(sock: socket.socket, address) -> None:
 socket.socket.connect = _connect_locally_only
 
 
+_reported = [0]  # attempts already failed a test
+
+
 @pytest.fixture(autouse=True)
-def _no_network():
-    """Fails the test that tried, even where a library swallowed the OSError. Per test, not at
-    session end: under pytest-xdist a worker's session status never reaches the run's."""
-    before = len(_network_attempts)
+def _no_network_and_threads_restored():
+    """Fails the test during which (its module fixtures' setup included) a connection was tried,
+    even where a library swallowed the OSError: per test, since under pytest-xdist a worker's
+    session status never reaches the run's. And restores torch's thread count, which a run
+    with `threads=N` sets for the process, so that no test runs at another test's count."""
+    threads = torch.get_num_threads()
     yield
-    if len(_network_attempts) > before:
-        pytest.fail(f"this test tried to reach the network: {_network_attempts[before:]}")
+    torch.set_num_threads(threads)
+    if len(_network_attempts) > _reported[0]:
+        tried, _reported[0] = _network_attempts[_reported[0] :], len(_network_attempts)
+        pytest.fail(f"a connection beyond this machine was tried: {tried}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if len(_network_attempts) > _reported[0]:  # after the last test (serial runs: in the status)
+        print(f"\ntests tried to reach the network: {_network_attempts[_reported[0] :]}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def compose_cfg(output_dir: Path, *overrides: str, config: str = "train") -> DictConfig:

@@ -222,13 +222,32 @@ def test_a_resume_into_a_new_run_dir_scores_the_steps_it_trained(tmp_path):
     assert final["last"]["protocol"]["step"] == 2 * N
 
 
-def test_a_run_dir_holding_another_runs_last_checkpoint_is_refused(tmp_path):
+def test_a_run_dir_holding_another_runs_checkpoints_is_refused_and_auto_resumes_it(tmp_path):
     out = fit(tmp_path / "run", f"trainer.max_steps={N}")
-    before = hashlib.sha256((out / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
-    with pytest.raises(DTLabError, match=r"last.ckpt already exists.*ckpt_path=last"):
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "checkpoints").glob("*.ckpt")}
+    with pytest.raises(DTLabError, match=r"already holds best.ckpt, last.ckpt from an earlier run.*ckpt_path=last"):
         fit(out, f"trainer.max_steps={2 * N}")  # the same dir again, not resumed
-    with pytest.raises(DTLabError, match=r"last.ckpt already exists"):
+    with pytest.raises(DTLabError, match=r"already holds"):
         fit(out, f"trainer.max_steps={2 * N}", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}")
-    assert hashlib.sha256((out / "checkpoints" / "last.ckpt").read_bytes()).hexdigest() == before
-    fit(out, f"trainer.max_steps={2 * N}", "ckpt_path=last")  # what the error says to do
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "checkpoints").glob("*.ckpt")} == digests
+    fit(out, f"trainer.max_steps={2 * N}", "ckpt_path=auto")  # what the error says: resumes, as last would
     assert last_checkpoint(out)["global_step"] == 2 * N
+    # one best.ckpt, the whole run's: last.ckpt knew the best.ckpt saved at its own step
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    # auto in a dir with no last.ckpt starts afresh, but not beside another run's best.ckpt,
+    # which the final evaluation would score in place of the best.ckpt it would write
+    (out / "checkpoints" / "last.ckpt").unlink()
+    with pytest.raises(DTLabError, match=r"already holds best.ckpt"):
+        fit(out, f"trainer.max_steps={2 * N}", "ckpt_path=auto")
+    fresh = fit(tmp_path / "fresh", f"trainer.max_steps={N}", "ckpt_path=auto")
+    assert last_checkpoint(fresh)["global_step"] == N
+
+
+def test_a_run_dir_that_moved_resumes_and_scores_its_own_last_checkpoint(tmp_path):
+    fit(tmp_path / "before", f"trainer.max_steps={N}")
+    moved = tmp_path / "after"
+    (tmp_path / "before").rename(moved)  # its checkpoints now name a dirpath that is gone
+    fit(moved, f"trainer.max_steps={2 * N}", "ckpt_path=last")
+    assert sorted(p.name for p in (moved / "checkpoints").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    final = json.loads((moved / "final_evaluation.json").read_text())["checkpoints"]
+    assert final["last"]["protocol"]["step"] == 2 * N

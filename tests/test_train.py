@@ -216,7 +216,8 @@ def test_wrong_observation_size_fails_fast_in_one_line(tmp_path):
     ).to_parquet(path)
     start = time.time()
     result = run_cli("dataset=local", f"dataset.path={path}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert time.time() - start < 10
+    # seconds, not a training run's minutes; loose, since the suite's other worker shares the cores
+    assert time.time() - start < 30
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1] == (

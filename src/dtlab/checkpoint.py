@@ -26,6 +26,7 @@ import torch
 from hydra.utils import get_object
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dtlab import DTLabError
@@ -103,18 +104,19 @@ class Checkpoint(ModelCheckpoint):
         self._save_last(trainer)
 
     def adopt(self, ckpt_path: str) -> None:
-        """Resuming from another run dir's checkpoint: this dir's last.ckpt starts as a copy of
-        it, so the new dir is whole from the start (`ckpt_path=last` resumes it; the final
-        evaluation finds last.ckpt even when no step is left to train, and Lightning saves
-        none), and the copy is this run's own last.ckpt, to be replaced as training goes on.
-        (Lightning would keep a last.ckpt it did not write and save last-v1.ckpt beside it.)"""
+        """Before a resume: this dir's last.ckpt is this run's own, to be replaced as training
+        goes on. Lightning takes a last.ckpt it did not write (or whose run dir has moved since)
+        for someone else's and saves last-v1.ckpt beside it, which the final evaluation would
+        never read. Resuming from another run dir's checkpoint, last.ckpt starts as a copy of it,
+        so the new dir is whole from the start (`ckpt_path=last` resumes it; the final
+        evaluation finds last.ckpt even when no step is left to train and Lightning saves none).
+        Every DDP rank sets the path (Lightning's save compares it on each), rank 0 copies."""
         last = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
-        if Path(ckpt_path).resolve() == Path(last).resolve():
-            return  # ckpt_path=last: Lightning restores it as its own
-        Path(last).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(last).with_name(f".{Path(last).name}.tmp")
-        shutil.copy2(ckpt_path, tmp)
-        os.replace(tmp, last)
+        if Path(ckpt_path).resolve() != Path(last).resolve() and rank_zero_only.rank == 0:
+            Path(last).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(last).with_name(f".{Path(last).name}.tmp")
+            shutil.copy2(ckpt_path, tmp)
+            os.replace(tmp, last)
         self.last_model_path = last
 
     def _save_last(self, trainer: L.Trainer) -> None:
@@ -158,14 +160,16 @@ class BestCheckpoint(ModelCheckpoint):
             return
         # Resumed into a new run dir: bring the best so far along, so that best.ckpt (and the
         # final evaluation of it) stays the best of the whole run, not of the part after resuming.
-        if not Path(old).is_file():
+        # A run dir that moved brought it already; Lightning would take it for another run's.
+        new = Path(self.dirpath) / Path(old).name
+        if not Path(old).is_file() and not new.is_file():
             log.warning(
                 "best.ckpt of the resumed run (%s) is not there: best.ckpt starts afresh in %s", old, self.dirpath
             )
             return
-        new = Path(self.dirpath) / Path(old).name
-        new.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(old, new)
+        if Path(old).is_file() and rank_zero_only.rank == 0:
+            new.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(old, new)
         self.best_model_path = self.kth_best_model_path = str(new)
         self.best_model_score = self.kth_value = score
         self.best_k_models = {str(new): score}

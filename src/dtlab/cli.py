@@ -118,16 +118,32 @@ def check_checkpoints_dir(cfg: DictConfig) -> None:
     check_writable("paths.checkpoints_dir", cfg)
 
 
-def check_last_checkpoint(ckpt_path: str | None, checkpoints_dir: str | Path) -> None:
-    """A run's final evaluation scores its own dir's last.ckpt. One already there from an earlier
-    run, not the one being resumed, Lightning would leave in place and write last-v1.ckpt beside
-    it, and the final evaluation would score the old weights: refused, the old run kept."""
-    last = Path(checkpoints_dir) / "last.ckpt"
-    if last.is_file() and (ckpt_path is None or Path(ckpt_path).resolve() != last.resolve()):
+def resume_checkpoint(ckpt_path: str | None, checkpoints_dir: str | Path) -> str | None:
+    """The checkpoint a training run resumes from (None: it starts afresh), checked against what
+    its checkpoints dir already holds. `ckpt_path=auto` is `last` when the dir has a last.ckpt and
+    a fresh start when it has none: one command for a job that may be requeued.
+
+    A run's final evaluation scores its own dir's last.ckpt and best.ckpt. Checkpoints there
+    from an earlier run that is not the one resumed Lightning would leave in place, writing
+    last-v1.ckpt or best-v1.ckpt beside them, and the final evaluation would score the old
+    weights: refused, the old run kept. A DDP job's other ranks leave this to rank 0 (which
+    has already copied the checkpoint it resumes into the dir when they look)."""
+    from dtlab.lock import process_rank
+
+    checkpoints = Path(checkpoints_dir)
+    last = checkpoints / "last.ckpt"
+    if ckpt_path == "auto":
+        ckpt_path = "last" if last.is_file() else None
+    resolved = None if ckpt_path is None else find_checkpoint(ckpt_path, checkpoints)
+    held = sorted(p.name for p in checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
+    resumes_last = resolved is not None and Path(resolved).resolve() == last.resolve()
+    if held and not resumes_last and process_rank() == 0:
         raise DTLabError(
-            f"{last} already exists, from an earlier run in this dir: resume that run with ckpt_path=last, "
-            "or train into a new hydra.run.dir (a resume from another checkpoint starts a dir of its own)"
+            f"{checkpoints} already holds {', '.join(held)} from an earlier run: resume that run with ckpt_path=last "
+            "(or ckpt_path=auto), or train into a new hydra.run.dir; to go on from another of its checkpoints, "
+            "give ckpt_path=PATH with a new hydra.run.dir"
         )
+    return resolved
 
 
 def check_devices(trainer: DictConfig) -> None:

@@ -30,7 +30,8 @@ LOCK_NAME = ".dtlab.lock"
 _held: dict[Path, int] = {}  # lock files this process holds, with how many acquire() calls hold each
 
 
-def _rank() -> int:
+def process_rank() -> int:
+    """This process's DDP rank as torchrun or SLURM set it (0 when neither did)."""
     for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
         if os.environ.get(key, "0").isdigit() and int(os.environ.get(key, "0")) > 0:
             return int(os.environ[key])
@@ -73,7 +74,7 @@ def acquire(run_dir: str | Path) -> Path:
     """Take the run dir's lock (again, if this process holds it already), or DTLabError naming
     the live process that holds it."""
     path = (Path(run_dir) / LOCK_NAME).resolve()
-    if _rank() > 0:  # a DDP job's other ranks (torchrun, SLURM) run in rank 0's dir, under its lock
+    if process_rank() > 0:  # a DDP job's other ranks (torchrun, SLURM) run in rank 0's dir, under its lock
         return path
     if path in _held:
         _held[path] += 1

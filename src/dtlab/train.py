@@ -19,9 +19,8 @@ from dtlab.cli import (  # noqa: F401 - CheckOutputDir: 0.1 configs name it here
     CheckOutputDir,
     check_checkpoints_dir,
     check_devices,
-    check_last_checkpoint,
     check_plugins,
-    find_checkpoint,
+    resume_checkpoint,
     run_cli,
 )
 from dtlab.config import TrainConfig, check_config, check_retired
@@ -83,8 +82,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     )
     check_checkpoints_dir(cfg)
     check_devices(cfg.trainer)
-    ckpt_path = None if cfg.ckpt_path is None else find_checkpoint(cfg.ckpt_path, cfg.paths.checkpoints_dir)
-    check_last_checkpoint(ckpt_path, cfg.paths.checkpoints_dir)
+    ckpt_path = resume_checkpoint(cfg.ckpt_path, cfg.paths.checkpoints_dir)
 
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -118,6 +116,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     module.run_config = run_config
     ckpt_path = resume_path(ckpt_path, module, run_config)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    # last.ckpt after best.ckpt at a step that saves both (Lightning keeps the checkpoint
+    # callbacks' order), so that last.ckpt holds the best so far with that step's: resumed
+    # from it, a run knows the best.ckpt on disk and does not write best-v1.ckpt beside it.
+    callbacks.sort(key=lambda callback: isinstance(callback, Checkpoint))
     for callback in callbacks:
         if ckpt_path is not None and isinstance(callback, Checkpoint):
             callback.adopt(ckpt_path)
