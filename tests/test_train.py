@@ -118,12 +118,14 @@ def test_tiny_fit_through_compose_api(make_cfg, tmp_path):
     assert action.shape == (6,) and env.action_space.contains(action.astype(np.float32))
 
 
-def test_best_checkpoint_with_only_the_last_evaluation(make_cfg, tmp_path):
-    # ... and with development seeds, as a recipe study runs: its final evaluation says so
+def test_best_checkpoint_with_only_the_last_evaluation(make_cfg, tmp_path, capsys):
+    # ... and with development seeds, as a recipe study runs: its final evaluation says so,
+    # in the record and in the table it prints (which once called them reporting seeds)
     train(make_cfg("debug=smoke", "eval.every_n_steps=0", "logger=none", "eval.dev_seed=20000"))
     final = json.loads((tmp_path / "final_evaluation.json").read_text())["checkpoints"]
     for record in final.values():
         assert record["protocol"]["seeds"] == [20000, 20003] and record["protocol"]["seeds_role"] == "development"
+    assert "env seeds 20000-20003 (development: for choosing a recipe, never for reporting)" in capsys.readouterr().out
     best = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert best["global_step"] == 20
 

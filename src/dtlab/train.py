@@ -226,9 +226,13 @@ def print_final_evaluation(report: dict) -> None:
     if not checkpoints:
         return
     record = next(iter(checkpoints.values()))["protocol"]
+    role = {
+        "reporting": "reporting: no in-training evaluation used them",
+        "development": "development: for choosing a recipe, never for reporting",
+    }.get(record.get("seeds_role"), record.get("seeds_role", "reporting"))
     print(
-        f"final evaluation: env seeds {record['seeds'][0]}-{record['seeds'][1]} (reporting: no in-training "
-        f"evaluation used them), {record['episodes_per_target']} episodes per target"
+        f"final evaluation: env seeds {record['seeds'][0]}-{record['seeds'][1]} ({role}), "
+        f"{record['episodes_per_target']} episodes per target"
     )
     tables = [format_summary(c["summary"], f"{name}@{c['protocol']['step']}") for name, c in checkpoints.items()]
     print("\n".join([tables[0], *(t.split("\n", 1)[1] for t in tables[1:])]))
