@@ -168,7 +168,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     proc.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
     proc.wait()
     reached, saved = steps_done(out), last_checkpoint(out)["global_step"]  # loads: not truncated
-    assert 5 <= saved <= reached <= saved + 5  # at most one checkpoint interval to repeat
+    # A step's checkpoint is written in on_train_batch_end, its history row just after: a kill
+    # between the two leaves the history one step behind the checkpoint (seen once in CI).
+    assert 5 <= saved <= reached + 1 and reached <= saved + 5  # at most one checkpoint interval to repeat
 
     resumed = subprocess.run(
         [sys.executable, "-m", "dtlab.train", *LONG_RUN, f"trainer.max_steps={saved + 10}"]
