@@ -52,6 +52,13 @@ VARIANTS: dict[str, list[str]] = {
     "notime-nodrop-K20": ["++model.timestep_embedding=false", "model.dropout=0.0", "model.context_length=20"],
     # the budget: 3x the preset's steps (the cosine schedule stretched over them)
     "notime-nodrop-12k": ["++model.timestep_embedding=false", "model.dropout=0.0", "trainer.max_steps=12000"],
+    # both at once: the budget that might reach 10%BC on hopper-mixed (K=20 alone: 101.7 of 104.6)
+    "notime-nodrop-K20-12k": [
+        "++model.timestep_embedding=false",
+        "model.dropout=0.0",
+        "model.context_length=20",
+        "trainer.max_steps=12000",
+    ],
     # the baselines, for BC's training rule (run once on this code and once on the code before it)
     # (their return-conditioning curve is flat by construction: the paper's two targets suffice)
     "bc": ["algo=bc", "target_return=paper"],
