@@ -141,7 +141,9 @@ def setup(config: dict) -> dict:
     for group in SETUP_GROUPS:
         given = config.get(group)
         if not isinstance(given, dict):
-            continue
+            if not defaults.get(group):
+                continue
+            given = {}  # a group the record lacks is at its defaults, as a key it lacks is
         if group == "eval":
             given = {k: v for k, v in given.items() if k in EVAL_SETUP}
         if group == "dataset" and given.get("_target_", "").endswith("load_local") and given.get("path") is None:
