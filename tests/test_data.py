@@ -83,6 +83,23 @@ def test_episodes_are_drawn_in_proportion_to_their_length():
     assert abs(padded - expected) < 0.02
 
 
+def test_start_share_draws_that_share_of_windows_from_the_episodes_first_steps():
+    lengths, K = [200, 400], 5
+    episodes, plain, mean, std = sampler_for(lengths, K)
+
+    def starts(**kw) -> torch.Tensor:  # each window's start step: its first real (unpadded) one
+        sampler = WindowSampler(episodes, K, 0.01, mean, std, max_ep_len=1000, **kw)
+        batch = sampler.sample(20_000, torch.Generator().manual_seed(3))
+        first = K - batch["mask"].sum(1, keepdim=True)  # windows cut at the episode's end are left-padded
+        return batch["timesteps"].gather(1, first).squeeze(1)
+
+    assert torch.equal(starts(start_share=0.0, start_steps=50), starts())  # 0: the paper's batches, bit for bit
+    # an episode in proportion to its length, then a start uniform in it: 50/200 x 1/3 + 50/400 x 2/3
+    uniform = 2 * 50 / 600
+    assert abs((starts() < 50).float().mean().item() - uniform) < 0.01
+    assert abs((starts(start_share=0.25, start_steps=50) < 50).float().mean().item() - (0.25 + 0.75 * uniform)) < 0.015
+
+
 def test_empty_episodes_are_refused_by_name():
     with pytest.raises(DTLabError, match="episode 1 has no steps .* drop empty episodes"):
         episodes_from_dataset(make_dataset([3, 0, 4]))

@@ -89,6 +89,8 @@ class Data(_Group):  # dtlab.datamodule.TrajectoryDataModule
     seed: NonNegative
     ref_scores: tuple[float, float] | None = None
     top_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    start_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    start_steps: Positive = 100
 
 
 class Eval(_Group):  # dtlab.callbacks.EvaluationCallback, dtlab.evaluate

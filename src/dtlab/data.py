@@ -45,7 +45,7 @@ COLUMNS = ("observations", "actions", "rewards")
 
 
 def load_sample() -> datasets.Dataset:
-    """The small HalfCheetah-v5 sample shipped with dtlab (dataset=sample): 12 medium and 38
+    """The small HalfCheetah-v5 sample shipped with dtlab (dataset=sample): 12 medium and 88
     expert episodes (src/dtlab/assets/make_sample.py says where they come from)."""
     return load_local(str(SAMPLE_PATH))
 
@@ -445,7 +445,12 @@ class WindowSampler:
     left-padded to K (mask False at pads). One call gathers a whole batch by index arithmetic.
 
     States are normalized with (state_mean, state_std) and returns-to-go multiplied by
-    reward_scale once, here, by the functions the rollout uses too (dtlab.policy)."""
+    reward_scale once, here, by the functions the rollout uses too (dtlab.policy).
+
+    start_share > 0 (not the paper's): that share of each batch's windows starts uniformly in
+    its episode's first `start_steps` steps instead. Each episode shows its start from rest
+    once, so a uniform draw rarely sees it; a DT that has not learned it stands still or
+    flips there (docs/notes.md#return-conditioning). 0 draws exactly the paper's batches."""
 
     def __init__(
         self,
@@ -455,9 +460,12 @@ class WindowSampler:
         state_mean: np.ndarray,
         state_std: np.ndarray,
         max_ep_len: int,
+        start_share: float = 0.0,
+        start_steps: int = 100,
     ) -> None:
         check_episode_lengths(episodes, max_ep_len)
         self.K = context_length
+        self.start_share, self.start_steps = start_share, start_steps
         self.states = normalize_states(episodes.observations, state_mean, state_std)
         self.actions = torch.from_numpy(episodes.actions)
         self.returns_to_go = scale_returns(episodes.returns_to_go(), reward_scale)
@@ -470,6 +478,11 @@ class WindowSampler:
         episode = torch.multinomial(self.episode_probs, batch_size, replacement=True, generator=generator)
         length = self.lengths[episode]  # (B,)
         start = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * length).long()  # (B,)
+        if self.start_share > 0:  # (no extra draws at 0: old runs' batches stay bit-identical)
+            early = torch.rand(batch_size, generator=generator, dtype=torch.float64) < self.start_share
+            head = torch.clamp(length, max=self.start_steps)
+            early_start = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * head).long()
+            start = torch.where(early, early_start, start)
         return self.windows(episode, start)
 
     def windows(self, episode: torch.Tensor, start: torch.Tensor) -> dict[str, torch.Tensor]:

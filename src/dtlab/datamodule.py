@@ -64,19 +64,23 @@ class TrajectoryDataModule(L.LightningDataModule):
         seed: int = 0,
         ref_scores: Sequence[float] | None = None,
         top_fraction: float = 1.0,
+        start_share: float = 0.0,
+        start_steps: int = 100,
     ) -> None:
         """episodes: loaded and checked by `dtlab.data.load_episodes`. max_ep_len: rows of the
         model's timestep table (env.max_ep_len). ref_scores: the env's (random, expert)
         reference returns, for the dataset report's normalized mean. top_fraction: train on
         the highest-return episodes holding this share of the transitions (%BC, any algorithm;
         1.0: all); state statistics and validation still come from the whole training split,
-        as in the reference code."""
+        as in the reference code. start_share, start_steps: that share of the windows starts in
+        the episodes' first start_steps steps (WindowSampler; 0: the paper's uniform draw)."""
         super().__init__()
         check_context_length(context_length, max_ep_len)
         self.episodes, self.max_ep_len = episodes, max_ep_len
         self.context_length, self.batch_size = context_length, batch_size
         self.reward_scale, self.val_fraction, self.val_batches = reward_scale, val_fraction, val_batches
         self.seed, self.ref_scores, self.top_fraction = seed, ref_scores, top_fraction
+        self.start_share, self.start_steps = start_share, start_steps
         self.train: Episodes | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -100,7 +104,14 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def _sampler(self, episodes: Episodes) -> WindowSampler:
         return WindowSampler(
-            episodes, self.context_length, self.reward_scale, self.state_mean, self.state_std, self.max_ep_len
+            episodes,
+            self.context_length,
+            self.reward_scale,
+            self.state_mean,
+            self.state_std,
+            self.max_ep_len,
+            self.start_share,
+            self.start_steps,
         )
 
     def use_episodes(self, episodes: Episodes) -> None:
