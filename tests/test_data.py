@@ -136,15 +136,15 @@ def test_module_splits_whole_episodes_and_normalizes_with_train_stats():
 
 def test_embedded_sample_loads():
     episodes = episodes_from_dataset(load_sample())
-    assert SAMPLE_PATH.stat().st_size <= 4e6
+    assert SAMPLE_PATH.stat().st_size <= 8e6  # issue 30: at most 8 MB
     assert episodes.observations.shape[1] == 17 and episodes.actions.shape[1] == 6
-    assert episodes.num_episodes == 50 and (episodes.lengths == 1000).all()
+    assert episodes.num_episodes == 100 and (episodes.lengths == 1000).all()
 
 
 def test_the_default_run_asks_for_the_samples_two_behaviours(make_cfg):
     """dataset=sample (the default) evaluates at its medium and expert episodes' mean returns,
     and any target_return= given still wins."""
-    returns = episodes_from_dataset(load_sample()).returns  # 12 medium episodes, then 38 expert
+    returns = episodes_from_dataset(load_sample()).returns  # 12 medium episodes, then 88 expert
     assert list(make_cfg().target_return["values"]) == [round(returns[:12].mean()), round(returns[12:].mean())]
     assert make_cfg("target_return=paper").target_return["values"] == [6000.0, 12000.0]
     assert make_cfg("dataset=local", "dataset.path=x.parquet").target_return["values"] == [6000.0, 12000.0]

@@ -84,7 +84,7 @@ CHANGED_RESUMES = {
     "budget": (["trainer.max_steps=15"], "trainer.max_steps=10 there, 15 here"),
     "top_fraction": (["data.top_fraction=0.5"], "data.top_fraction=1.0 there, 0.5 here"),
     "batch_size": (["data.batch_size=16"], "data.batch_size=8 there, 16 here"),
-    "targets": (["target_return.values=[1000,2000]"], "target_return.values=[4074, 11544] there, [1000, 2000] here"),
+    "targets": (["target_return.values=[1000,2000]"], "target_return.values=[4074, 11476] there, [1000, 2000] here"),
     "eval_seed": (["eval.seed=5"], "eval.seed=0 there, 5 here"),
     "eval_episodes": (["eval.episodes=3"], "eval.episodes=2 there, 3 here"),
 }

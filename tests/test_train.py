@@ -158,10 +158,12 @@ def test_the_default_recipe_is_dropped_whole_by_choosing_another_model(make_cfg)
     default = make_cfg()
     recipe = (default.model.timestep_embedding, default.model.init, default.model.return_init, default.model.dropout)
     assert recipe == (False, "gpt2", "torch", 0.0) and default.data.reward_scale == 0.0001  # conf/model/cpu.yaml
+    assert default.data.start_share == 0.25
     assert make_cfg("model.dropout=0.2").data.reward_scale == 0.0001  # a key override keeps the rest
     for other in ("small", "tiny"):
         cfg = make_cfg(f"model={other}")
         assert cfg.model.get("timestep_embedding", True) and cfg.data.reward_scale == 0.001  # the paper's
+        assert cfg.data.start_share == 0.0  # the paper's uniform window draw
     # the recipe follows the data: it is the sample's, and any other data gets the paper's model
     for data in (("dataset=local", "dataset.path=x.parquet"), ("dataset=hub/hopper-medium",)):
         cfg = make_cfg(*data)
@@ -171,7 +173,7 @@ def test_the_default_recipe_is_dropped_whole_by_choosing_another_model(make_cfg)
     # reward scale, without the timestep table and dropout
     preset = make_cfg("experiment=hopper-mixed")
     assert (preset.model.init, preset.model.dropout, preset.data.reward_scale) == ("reference", 0.0, 0.001)
-    assert preset.model.timestep_embedding is False
+    assert preset.model.timestep_embedding is False and preset.data.start_share == 0.0
     assert make_cfg("model=cpu", "dataset=local", "dataset.path=x.parquet").data.reward_scale == 0.0001  # if asked
 
 

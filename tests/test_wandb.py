@@ -33,7 +33,7 @@ def test_fit_logs_config_metrics_media_and_checkpoints_to_an_offline_run(make_cf
     losses = [row["train/loss"] for row in run["history"] if "train/loss" in row]
     assert len(losses) >= 3 and all(math.isfinite(x) for x in losses)
     evals = [row for row in run["history"] if "eval/normalized_score" in row]
-    assert {"eval/4074/return_mean", "eval/11544/normalized_score"} <= set(evals[-1])
+    assert {"eval/4074/return_mean", "eval/11476/normalized_score"} <= set(evals[-1])
     scores = [row["eval/normalized_score"] for row in evals]
     summary = run["summary"]
     assert summary["eval/normalized_score"] == pytest.approx(metrics["eval/normalized_score"])
@@ -46,11 +46,11 @@ def test_fit_logs_config_metrics_media_and_checkpoints_to_an_offline_run(make_cf
     assert len(plots) == 2  # evaluations at steps 10 and 20
     assert all((run_dir / "files" / name).is_file() for plot in plots for name in plot["filenames"])
     videos = media("eval/video")[-1]["videos"]
-    assert [v["caption"] for v in videos] == ["target 4074", "target 11544"]
+    assert [v["caption"] for v in videos] == ["target 4074", "target 11476"]
     assert all((run_dir / "files" / v["path"]).stat().st_size > 1000 for v in videos)
     table = json.loads((run_dir / "files" / media("eval/episodes")[-1]["path"]).read_text())
     assert table["columns"] == ["target", "episode", "seed", "return", "normalized_score", "length"]
-    assert [row[:3] for row in table["data"]] == [[4074, 0, 0], [4074, 1, 1], [11544, 0, 2], [11544, 1, 3]]
+    assert [row[:3] for row in table["data"]] == [[4074, 0, 0], [4074, 1, 1], [11476, 0, 2], [11476, 1, 3]]
 
     models = [a for a in run["artifacts"] if a["type"] == "model"]
     assert sorted(sorted(a["aliases"]) for a in models) == [["best", "latest"], ["latest"]]

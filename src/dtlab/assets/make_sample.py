@@ -2,7 +2,7 @@
 
     python src/dtlab/assets/make_sample.py --data-dir ../shared/data
 
-Takes the first MEDIUM (12) episodes of halfcheetah-medium-v5 and the first EXPERT (38) of
+Takes the first MEDIUM (12) episodes of halfcheetah-medium-v5 and the first EXPERT (88) of
 halfcheetah-expert-v5 (HalfCheetah-v5, gymnasium 1.4, mujoco 4.0, rolled out from RL Zoo agents:
 ARS with action noise 0.1 for medium, TQC for expert; see README.md), in the schema of the hub
 dataset edbeeching/decision_transformer_gym_replay, and writes them as one Parquet file.
@@ -14,11 +14,12 @@ from pathlib import Path
 import datasets
 import pyarrow.parquet as pq
 
-# Until 0.2.0: 18 and 12. A DT trained on 12 expert episodes stood still or flipped in about
-# half of its episodes asked for the expert's return (docs/notes.md#return-conditioning).
-MEDIUM, EXPERT = 12, 38
-# Byte-stream-split floats and zstd: the same values and schema in ~2/3 of the bytes, so that
-# 50 episodes fit the sample's 4 MB
+# Until 0.2.0: 18 and 12; then 12 and 38. A DT trained on 12 expert episodes stood still or
+# flipped in about half of its episodes asked for the expert's return; with 88 and
+# data.start_share (model=cpu) in 1.7% (docs/notes.md#return-conditioning). 8 MB at most (issue 30).
+MEDIUM, EXPERT = 12, 88
+# Byte-stream-split floats and zstd: the same values and schema in ~2/3 of the bytes (100
+# episodes in 7.7 MB)
 FLOATS = ["observations.list.element.list.element", "actions.list.element.list.element", "rewards.list.element"]
 
 
