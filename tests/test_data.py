@@ -85,7 +85,7 @@ def test_episodes_are_drawn_in_proportion_to_their_length():
 
 def test_start_share_draws_that_share_of_windows_from_the_episodes_first_steps():
     lengths, K = [200, 400], 5
-    episodes, plain, mean, std = sampler_for(lengths, K)
+    episodes, _, mean, std = sampler_for(lengths, K)
 
     def starts(**kw) -> torch.Tensor:  # each window's start step: its first real (unpadded) one
         sampler = WindowSampler(episodes, K, 0.01, mean, std, max_ep_len=1000, **kw)
